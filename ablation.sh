@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Ablation ladder from the bug to the fix, one change per rung, then one comparison:
+#   bug            everything but BN frozen, 1024 px, batch 4, lr 0.01
+#   unfreeze-only  nothing frozen, same 1024 px / batch 4 / lr 0.01
+#   unfreeze-224px nothing frozen, 224 px, batch 4 / lr 0.01
+#   fixed          nothing frozen, 224 px, batch 64, lr 0.005
+# Every argument goes to every training run, e.g. a quick CPU smoke test:
+#   ./ablation.sh --dummy --device cpu --no-pretrained --epochs 2 \
+#       --limit-train-batches 2 --limit-eval-batches 1
+# Results land in --output-dir (default results, relative to the current directory, as
+# for the training scripts); the table is printed and the figure is OUTPUT_DIR/ablation.png.
+# Set PYTHON to pick the interpreter.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python}"
+
+# Find --output-dir the way argparse will (last one wins) so compare.py reads the same files.
+output_dir=results
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --output-dir)
+            if ((i + 1 >= ${#args[@]})); then
+                echo "ablation.sh: --output-dir needs a value" >&2
+                exit 2
+            fi
+            output_dir="${args[i + 1]}" ;;
+        --output-dir=*) output_dir="${args[i]#--output-dir=}" ;;
+        # each rung sets its own name; a shared one would make the rungs overwrite each other
+        --run-name | --run-name=*)
+            echo "ablation.sh: --run-name is set per rung; leave it out" >&2
+            exit 2 ;;
+    esac
+done
+
+"$python" "$here/bug.py" --run-name bug "$@"
+"$python" "$here/fixed.py" --run-name unfreeze-only --image-size 1024 --batch-size 4 --lr 0.01 "$@"
+"$python" "$here/fixed.py" --run-name unfreeze-224px --batch-size 4 --lr 0.01 "$@"
+"$python" "$here/fixed.py" --run-name fixed "$@"
+
+"$python" "$here/compare.py" "$output_dir/bug.json" "$output_dir/unfreeze-only.json" \
+    "$output_dir/unfreeze-224px.json" "$output_dir/fixed.json" --plot "$output_dir/ablation.png"

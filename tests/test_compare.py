@@ -1,0 +1,201 @@
+"""compare.py on small hand-made results files: the table's numbers, the per-epoch view,
+the plot, and a one-line exit 2 for every kind of bad input."""
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Loaded by path: the repository root is not on sys.path under plain `pytest`.
+_spec = importlib.util.spec_from_file_location("compare", ROOT / "compare.py")
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+BUG_EPOCHS = [  # acc, train loss, test loss, seconds, images/s, GiB
+    (1.0, 4.61, 4.60, 620.0, 80.0, 10.00),
+    (1.2, 4.59, 4.58, 600.0, 82.0, 10.24),
+    (1.1, 4.58, 4.59, 610.0, 83.0, 10.10),
+]
+FIXED_EPOCHS = [(40.0, 2.50, 2.20, 60.0, 1160.0, 3.00), (52.5, 1.80, 1.75, 50.0, 1180.0, 3.20)]
+CPU_EPOCHS = [(5.0, 4.40, 4.30, 100.0, 10.0, None), (9.0, 4.00, 3.90, 120.0, 8.0, None),
+              (8.0, 3.80, 3.95, 90.0, 11.0, None)]
+DUMMY_EPOCHS = [(30.0, 3.00, 3.10, 2.0, 500.0, None)]
+
+
+def write_run(tmp_path, run_name, epochs, *, script="fixed", status="finished", total=3,
+              image_size=224, batch_size=64, lr=0.005, trainable=4135648, updated=None,
+              dummy=False, device="NVIDIA H100 80GB HBM3"):
+    config = dict(image_size=image_size, batch_size=batch_size, lr=lr, optimizer="Adam",
+                  epochs=total, seed=0, total_params=4135648, trainable_params=trainable,
+                  updated_params=trainable if updated is None else updated,
+                  pretrained="imagenet", dummy=dummy, fast=False, device=device,
+                  torch="2.14.1", workers=8, limit_train_batches=None, limit_eval_batches=None)
+    entries = [dict(epoch=i, train_loss=train, train_acc=acc / 2, test_loss=test, test_acc=acc,
+                    epoch_seconds=seconds, train_images_per_second=speed, peak_gpu_memory_gib=gib)
+               for i, (acc, train, test, seconds, speed, gib) in enumerate(epochs, start=1)]
+    path = tmp_path / f"{run_name}.json"
+    path.write_text(json.dumps(dict(script=script, run_name=run_name, status=status,
+                                    config=config, epochs=entries)))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return [
+        write_run(tmp_path, "bug", BUG_EPOCHS, script="bug", image_size=1024, batch_size=4,
+                  lr=0.01, trainable=42016, updated=0),
+        write_run(tmp_path, "fixed", FIXED_EPOCHS, status="running"),
+        write_run(tmp_path, "cpu-run", CPU_EPOCHS, status="interrupted", total=5, device="cpu"),
+        write_run(tmp_path, "smoke", DUMMY_EPOCHS, total=1, dummy=True, device="cpu"),
+    ]
+
+
+def table_rows(text, title=None):
+    """{first cell: {header: cell}} for the table under the line starting with title
+    (the first table when None); cells are split on runs of two or more spaces."""
+    lines = text.splitlines()
+    start = 0 if title is None else 1 + next(i for i, text_line in enumerate(lines)
+                                            if text_line.startswith(title))
+    headers = re.split(r"\s{2,}", lines[start].strip())
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        assert len(cells) == len(headers), line
+        rows[cells[0]] = dict(zip(headers, cells))
+    return rows
+
+
+def test_summary_table_numbers(runs, capsys):
+    assert compare.main([str(p) for p in runs]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert list(rows) == ["bug", "fixed", "cpu-run", "smoke*"]
+    bug, fixed, cpu, dummy = rows.values()
+    # BN weights require grad but none reach the optimizer: the bug, shown in the recipe
+    recipe = "recipe (trainable/total params)"
+    assert bug[recipe] == "1024px bs4 lr0.01 42.0K/4.14M (0 in optimizer)"
+    assert bug["epochs"] == "3/3"
+    assert (bug["final acc %"], bug["best acc %"]) == ("1.10", "1.20")      # last vs max
+    assert (bug["test loss"], bug["train loss"]) == ("4.590", "4.580")
+    assert (bug["s/epoch"], bug["img/s"], bug["peak GiB"]) == ("610.0", "82.0", "10.24")
+    assert fixed[recipe] == "224px bs64 lr0.005 4.14M/4.14M"
+    assert fixed["epochs"] == "2/3 (running/crashed)"
+    assert (fixed["final acc %"], fixed["best acc %"]) == ("52.50", "52.50")
+    assert (fixed["s/epoch"], fixed["img/s"], fixed["peak GiB"]) == ("55.0", "1170.0", "3.20")
+    assert cpu["epochs"] == "3/5 (interrupted)"
+    assert (cpu["final acc %"], cpu["best acc %"]) == ("8.00", "9.00")
+    assert (cpu["s/epoch"], cpu["img/s"], cpu["peak GiB"]) == ("100.0", "10.0", "-")
+    assert dummy["epochs"] == "1/1"
+    assert compare.DUMMY_NOTE in out
+    assert "different devices" in out  # GPU and CPU speeds are not comparable
+
+
+def test_ratios_against_first_run(runs, capsys):
+    compare.main([str(p) for p in runs])
+    ratios = table_rows(capsys.readouterr().out, "ratios vs bug")
+    assert list(ratios) == ["fixed", "cpu-run", "smoke*"]
+    # by hand: 1170/82 = 14.27, 55/610 = 0.090, 3.20/10.24 = 0.3125, 52.5 - 1.1 = 51.4
+    assert ratios["fixed"] == {"run": "fixed", "img/s": "14.3x", "s/epoch": "0.09x",
+                               "peak GiB": "0.31x", "final acc": "+51.4 pts"}
+    # 10/82 = 0.12, 100/610 = 0.16; no GPU memory on the CPU run, so no memory ratio
+    assert ratios["cpu-run"] == {"run": "cpu-run", "img/s": "0.12x", "s/epoch": "0.16x",
+                                 "peak GiB": "-", "final acc": "+6.9 pts"}
+    assert ratios["smoke*"]["s/epoch"] == "0.0033x"  # 2/610: tiny ratios must not print as 0
+
+
+def test_single_run_has_no_ratios_or_notes(runs, capsys):
+    assert compare.main([str(runs[0])]) == 0
+    out = capsys.readouterr().out
+    assert "ratios" not in out and "dummy" not in out and "different devices" not in out
+
+
+def test_per_epoch_view(runs, capsys):
+    assert compare.main([str(runs[0]), str(runs[1]), "--epochs"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    start = lines.index("per epoch: test acc % / train loss / test loss")
+    assert re.split(r"\s{2,}", lines[start + 1].strip()) == ["epoch", "bug", "fixed"]
+    body = [re.split(r"\s{2,}", line.strip()) for line in lines[start + 3:start + 6]]
+    assert body == [["1", "1.00 / 4.610 / 4.600", "40.00 / 2.500 / 2.200"],
+                    ["2", "1.20 / 4.590 / 4.580", "52.50 / 1.800 / 1.750"],
+                    ["3", "1.10 / 4.580 / 4.590", "-"]]  # the partial run has no epoch 3
+    compare.main([str(runs[0])])
+    assert "per epoch" not in capsys.readouterr().out
+
+
+def test_plot_is_a_readable_png(runs, tmp_path, capsys):
+    import matplotlib.image
+    png = tmp_path / "out" / "runs.png"
+    png.parent.mkdir()
+    assert compare.main([*map(str, runs), "--plot", str(png)]) == 0
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000
+    assert matplotlib.image.imread(png).shape[:2] == (700, 1200)  # 12x7 in at 100 dpi
+    assert f"plot: {png}" in capsys.readouterr().out
+
+
+def test_plot_to_a_missing_folder_is_one_line(runs, tmp_path, capsys):
+    target = tmp_path / "nowhere" / "x.png"
+    assert compare.main([str(runs[0]), "--plot", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(target) in err
+
+
+def bad_files(tmp_path):
+    """name -> (path, words the message must contain)"""
+    good = json.loads(write_run(tmp_path, "good", BUG_EPOCHS).read_text())
+    def variant(name, change):
+        document = json.loads(json.dumps(good))
+        change(document)
+        path = tmp_path / name
+        path.write_text(json.dumps(document))
+        return path
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    return {
+        "missing": (tmp_path / "absent.json", "no such file"),
+        "not json": (garbage, "not JSON"),
+        "not an object": (listed, "not a results file"),
+        "no config": (variant("noconfig.json", lambda d: d.pop("config")), "'config'"),
+        "epochs not a list": (variant("epochs.json", lambda d: d.update(epochs="3")), "'epochs'"),
+        "lr is text": (variant("lr.json", lambda d: d["config"].update(lr="fast")), "'lr'"),
+        "epoch lacks a key": (variant("key.json", lambda d: d["epochs"][1].pop("test_acc")),
+                              "epochs[1]"),
+        "memory is bool": (variant("mem.json", lambda d: d["epochs"][0].update(
+            peak_gpu_memory_gib=True)), "peak_gpu_memory_gib"),
+        "no epochs": (variant("empty.json", lambda d: d.update(epochs=[])), "no epochs"),
+    }
+
+
+BAD_CASES = ["missing", "not json", "not an object", "no config", "epochs not a list",
+             "lr is text", "epoch lacks a key", "memory is bool", "no epochs"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_line_and_exit_2(case, runs, tmp_path, capsys):
+    path, words = bad_files(tmp_path)[case]
+    # a good file first: a bad one anywhere in the list stops the whole comparison
+    assert compare.main([str(runs[0]), str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("compare.py: error: ")
+    assert str(path) in captured.err and words in captured.err
+
+
+def test_command_line_shows_no_traceback(tmp_path):
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    result = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(garbage)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and str(garbage) in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

@@ -1,0 +1,666 @@
+"""What bug.py and fixed.py share: the command line, CIFAR-100, the model's weights, the
+training loop, evaluation, and the per-epoch results and checkpoints.
+
+The two scripts hold only what differs between the bug and the fix, so that
+`diff bug.py fixed.py` shows the four fixes and nothing else. Nothing here changes what
+the scripts ask for: the transforms, the freezing, the optimizer and the hyper-parameters
+are theirs, used as given.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from efficientnet_pytorch import EfficientNet
+from efficientnet_pytorch.utils import url_map as efficientnet_url_map
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+NUM_CLASSES = 100
+TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
+CIFAR_ARCHIVE = datasets.CIFAR100.filename  # cifar-100-python.tar.gz
+CIFAR_URL = datasets.CIFAR100.url
+WEIGHTS_URL = efficientnet_url_map["efficientnet-b0"]
+WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]  # efficientnet-b0-355c32eb.pth
+# Settings a checkpoint must share with the run that resumes it: anything else would
+# splice two different experiments into one history.
+RECIPE_KEYS = ("script", "image_size", "batch_size", "lr", "optimizer", "pretrained", "dummy",
+               "fast", "seed", "limit_train_batches", "limit_eval_batches")
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+# --------------------------------------------------------------------------- command line
+
+def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, argv=None):
+    """The command line shared by both scripts; the keyword arguments are the recipe's
+    defaults. Every bad value is refused here, before anything is loaded or written."""
+    script = Path(script_file).stem
+    parser = argparse.ArgumentParser(
+        prog=Path(script_file).name, description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    recipe = parser.add_argument_group("recipe (the defaults are this script's)")
+    recipe.add_argument("--epochs", type=positive(int), default=epochs)
+    recipe.add_argument("--batch-size", type=positive(int), default=batch_size)
+    recipe.add_argument("--lr", type=positive(float), default=lr)
+    recipe.add_argument("--image-size", type=positive(int), default=image_size,
+                        help="images are resized to SIZE x SIZE")
+    recipe.add_argument("--seed", type=int, default=0,
+                        help="decides initial head weights, shuffling, augmentation and dropout")
+    data = parser.add_argument_group("data and weights")
+    data.add_argument("--data-dir", type=Path, default=Path("data"),
+                      help=f"where CIFAR-100 is, or is downloaded to ({CIFAR_ARCHIVE})")
+    data.add_argument("--dummy", action="store_true",
+                      help="synthetic CIFAR-100-shaped data (50,000/10,000 32x32 images, 100 "
+                           "classes), for speed, memory and smoke tests: accuracy then says "
+                           "only whether the model can learn at all")
+    data.add_argument("--weights", type=Path,
+                      help=f"a local copy of the published ImageNet weights ({WEIGHTS_FILE}), "
+                           "for machines without internet")
+    data.add_argument("--no-pretrained", action="store_true",
+                      help="random initial weights instead of ImageNet's")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    run.add_argument("--workers", type=non_negative(int), default=default_workers(),
+                     help="data loading processes (default: one per CPU available, at most 16)")
+    run.add_argument("--fast", action="store_true",
+                     help="opt-in speed mode that changes numerics: bf16 autocast, "
+                          "channels_last, torch.compile with CUDA graphs, fused Adam. For "
+                          "bug.py it also changes the memory symptom (bf16 halves activations)")
+    run.add_argument("--limit-train-batches", type=positive(int), metavar="N",
+                     help="train on only N batches per epoch (a symptom check in minutes)")
+    run.add_argument("--limit-eval-batches", type=positive(int), metavar="N",
+                     help="evaluate on only N batches per epoch")
+    out = parser.add_argument_group("results")
+    out.add_argument("--output-dir", type=Path, default=Path("results"))
+    out.add_argument("--run-name", default=script,
+                     help="results go to OUTPUT_DIR/RUN_NAME.json and .pth")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the results of an earlier run of the same name")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in OUTPUT_DIR from its checkpoint, up to --epochs")
+    args = parser.parse_args(argv)
+    args.script = script
+
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: unknown device; use cuda, cuda:N or cpu")
+    if args.device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device}: unsupported; use cuda, cuda:N or cpu")
+    if args.device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("CUDA is not available on this machine: run with --device cpu "
+                         "(slow; add --dummy --limit-train-batches N for a quick check)")
+        if args.device.index is None:
+            args.device = torch.device("cuda", torch.cuda.current_device())
+        if args.device.index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if args.data_dir.exists() and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir}: is a file, not a directory")
+    if args.weights is not None:
+        if args.no_pretrained:
+            parser.error("--weights and --no-pretrained contradict each other")
+        problem = check_weights_file(args.weights)
+        if problem:
+            parser.error(f"--weights {args.weights}: {problem}")
+    if not args.run_name or os.sep in args.run_name or args.run_name.startswith("."):
+        parser.error(f"--run-name {args.run_name!r}: must be a plain file name")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output-dir {args.output_dir}: is a file, not a directory")
+    args.results_path = args.output_dir / f"{args.run_name}.json"
+    args.checkpoint_path = args.output_dir / f"{args.run_name}.pth"
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run and --overwrite replaces it: pick one")
+    if args.resume and not args.checkpoint_path.exists():
+        parser.error(f"--resume: no checkpoint {args.checkpoint_path} to resume from "
+                     "(start the run without --resume)")
+    existing = [p for p in (args.results_path, args.checkpoint_path) if p.exists()]
+    if existing and not (args.resume or args.overwrite):
+        parser.error(f"{existing[0]} holds an earlier run: pass --resume to continue it, "
+                     "--overwrite to replace it, or --run-name to keep both")
+    args.pretrained = "none" if args.no_pretrained else "imagenet"
+    # fused Adam is a CUDA kernel; None leaves PyTorch's own default, as in the report.
+    args.fused = True if args.fast and args.device.type == "cuda" else None
+    return args
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def default_workers():
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(16, (cpus or 1) - 1))
+
+
+def check_weights_file(path):
+    """Why `path` is not an EfficientNet-b0 state dict in the published layout, or None."""
+    if not path.is_file():
+        return "no such file"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: the message is what matters
+        return f"not a PyTorch state dict ({type(error).__name__})"
+    expected = {k: v.shape for k, v in EfficientNet.from_name("efficientnet-b0").state_dict().items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "not a state dict of tensors"
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        return f"not an EfficientNet-b0 state dict ({len(missing)} keys missing, e.g. {missing[0]})"
+    wrong = [k for k in expected if state[k].shape != expected[k]]
+    if wrong:
+        return (f"not EfficientNet-b0's shapes ({wrong[0]} is {tuple(state[wrong[0]].shape)}, "
+                f"expected {tuple(expected[wrong[0]])})")
+    return None
+
+
+def fail(message):
+    """Stop with one clear line and exit status 1: no traceback."""
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
+# --------------------------------------------------------------------------- data
+
+class SyntheticCIFAR100(Dataset):
+    """CIFAR-100-shaped synthetic images: one colour per class plus noise, so a model that
+    trains can learn it and one that does not stays at chance. Images are made on demand
+    from (seed, split, index), which costs no memory and no start-up time."""
+
+    def __init__(self, train, seed=0):
+        self.train, self.seed = train, seed
+        self.colours = np.random.default_rng(seed).integers(0, 256, (NUM_CLASSES, 3))
+
+    def __len__(self):
+        return TRAIN_IMAGES if self.train else TEST_IMAGES
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, int(self.train), index])
+        label = int(rng.integers(NUM_CLASSES))
+        noise = rng.integers(-64, 65, (32, 32, 3))
+        image = np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8)
+        return Image.fromarray(image), label
+
+
+def mix_seed(*numbers):
+    return int(np.random.SeedSequence(numbers).generate_state(1)[0])
+
+
+class SeededView(Dataset):
+    """A dataset seen through a transform whose randomness is a function of (seed, epoch,
+    index) alone: results do not depend on --workers, and a resumed run replays exactly.
+
+    When the transform ends with ToTensor() + Normalize(), the workers stop at uint8
+    (PILToTensor) and `on_device` does the same float32 arithmetic on the GPU: 4x less data
+    through the workers' pipes and into pinned memory, bit-identical numbers."""
+
+    def __init__(self, images, transform, seed):
+        self.images, self.seed = images, seed
+        *head, to_tensor, normalize = transform.transforms
+        if isinstance(to_tensor, transforms.ToTensor) and isinstance(normalize, transforms.Normalize):
+            self.transform = transforms.Compose([*head, transforms.PILToTensor()])
+            self.normalize = normalize
+        else:
+            self.transform, self.normalize = transform, None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, label = self.images[index]
+        # Seed only the CPU generator torchvision's random transforms draw from, and put it
+        # back afterwards, so that loading never disturbs the model's own randomness.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+    def on_device(self, images, device, memory_format=torch.contiguous_format):
+        images = images.to(device, non_blocking=True)
+        if self.normalize is not None:
+            # ToTensor's img.float().div(255), as a tensor division: a Python scalar would
+            # make CUDA multiply by a rounded reciprocal instead.
+            images = self.normalize(images.float().div_(torch.full((), 255.0, device=device)))
+        return images.contiguous(memory_format=memory_format)
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys for SeededView: the order is a permutation drawn from
+    (seed, epoch) when shuffling, cut to the first `limit` images."""
+
+    def __init__(self, size, seed, shuffle, limit=None):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.limit = min(size, limit) if limit else size
+        self.epoch = 0
+
+    def __len__(self):
+        return self.limit
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator)[:self.limit].tolist()
+        else:
+            order = range(self.limit)
+        return ((self.epoch, index) for index in order)
+
+
+def cifar100(args, train_transforms, test_transforms):
+    """Train and test sets (torchvision's CIFAR100, or --dummy's synthetic twin) seen
+    through the script's transforms."""
+    if args.dummy:
+        train_set, test_set = SyntheticCIFAR100(True, args.seed), SyntheticCIFAR100(False, args.seed)
+    else:
+        try:
+            train_set = datasets.CIFAR100(args.data_dir, train=True, download=True)
+            test_set = datasets.CIFAR100(args.data_dir, train=False, download=True)
+        except (OSError, RuntimeError) as error:  # URLError is an OSError
+            fail(f"CIFAR-100 is not in {args.data_dir}/ and could not be downloaded "
+                    f"({error}). Download {CIFAR_ARCHIVE} from {CIFAR_URL} and put it in "
+                    f"{args.data_dir}/ (it is unpacked on first use), pass --data-dir, "
+                    "or use --dummy")
+    return SeededView(train_set, train_transforms, args.seed), SeededView(test_set, test_transforms, args.seed)
+
+
+def ignore_sigint(worker_id):
+    # Ctrl-C reaches the whole process group: the main process stops the run and shuts the
+    # workers down itself, so they must not die under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(view, args, train):
+    limit = args.limit_train_batches if train else args.limit_eval_batches
+    sampler = EpochSampler(len(view), args.seed, shuffle=train,
+                           limit=limit * args.batch_size if limit else None)
+    return DataLoader(view, batch_size=args.batch_size, sampler=sampler,
+                      num_workers=args.workers, pin_memory=args.device.type == "cuda",
+                      persistent_workers=args.workers > 0, worker_init_fn=ignore_sigint)
+
+
+# --------------------------------------------------------------------------- model
+
+def efficientnet_b0(args):
+    """EfficientNet-b0 with ImageNet weights (downloaded, or from --weights), or random
+    (--no-pretrained). Seeds torch first, so the script's new head is the same every run."""
+    torch.manual_seed(args.seed)
+    if args.no_pretrained:
+        return EfficientNet.from_name("efficientnet-b0")
+    weights = str(args.weights) if args.weights else None
+    try:
+        return EfficientNet.from_pretrained("efficientnet-b0", weights_path=weights)
+    except OSError as error:  # URLError is an OSError
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        fail(f"the ImageNet weights could not be downloaded ({error}). Download "
+                f"{WEIGHTS_FILE} from {WEIGHTS_URL} and put it in {hub}/ or pass "
+                f"--weights PATH; or use --no-pretrained")
+
+
+def data_parallel(model, device):
+    """nn.DataParallel on the one selected device, as the report has it (so `.module`
+    exists), whatever the number of GPUs on the host."""
+    if device.type == "cuda":
+        return nn.DataParallel(model, device_ids=[device.index])
+    parallel = nn.DataParallel(model)  # without CUDA, a plain wrapper
+    if parallel.device_ids:  # a GPU host, yet --device cpu: keep the model on the CPU
+        parallel.device_ids = []  # forward() then calls the module directly
+        parallel.module.to(device)
+    return parallel
+
+
+def count_params(model, optimizer):
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = list(model.parameters())
+    return dict(
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        updated_params=sum(p.numel() for p in params if p.requires_grad and id(p) in in_optimizer))
+
+
+# --------------------------------------------------------------------------- results on disk
+
+def atomic_write(path, write):
+    """Write via a temp file in the same folder, fsync, rename: a crash at any instant
+    leaves the previous complete file or the new complete one, never a partial one."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def save_results(args, config, history, status):
+    document = {"script": args.script, "run_name": args.run_name, "status": status,
+                "config": config, "epochs": history}
+    atomic_write(args.results_path, lambda f: f.write(json.dumps(document, indent=2).encode()))
+
+
+def save_checkpoint(args, model, optimizer, config, history):
+    """The checkpoint carries the whole history: written before the JSON, it is the
+    authority a resumed run rebuilds the JSON from."""
+    state = {"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+             "epoch": len(history), "config": config, "history": history}
+    atomic_write(args.checkpoint_path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(args, config):
+    try:
+        state = torch.load(args.checkpoint_path, map_location="cpu", weights_only=True)
+        epoch, history, saved = state["epoch"], state["history"], state["config"]
+    except Exception as error:  # truncated, corrupt or foreign: all mean "cannot resume"
+        fail(f"cannot resume: {args.checkpoint_path} is corrupt or not a checkpoint of "
+                f"this project ({type(error).__name__}); start afresh with --overwrite")
+    differ = [k for k in RECIPE_KEYS if saved.get(k) != config.get(k)]
+    if differ:
+        details = ", ".join(f"{k} {saved.get(k)!r} there, {config.get(k)!r} here" for k in differ)
+        fail(f"cannot resume: {args.checkpoint_path} is another recipe ({details}); use "
+                "the same settings, or another --run-name")
+    if len(history) != epoch:
+        fail(f"cannot resume: {args.checkpoint_path} is inconsistent "
+                f"(epoch {epoch}, {len(history)} epochs of history)")
+    return state
+
+
+# --------------------------------------------------------------------------- the run
+
+class Interrupted(Exception):
+    pass
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop at the next batch; a second one quits at once
+    (every file on disk is complete at any instant, so that is safe)."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in EXIT_SIGNAL}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            os._exit(EXIT_SIGNAL[signum])
+        self.signal = signum
+
+    def check(self):
+        if self.signal is not None:
+            raise Interrupted()
+
+
+class Meter:
+    """Running loss/accuracy kept on the device; read (one sync) at most once a second,
+    when the loss of every batch since the last read is checked for NaN/inf too."""
+
+    def __init__(self, bar, epoch):
+        self.bar, self.epoch = bar, epoch
+        self.loss_sum = self.correct = 0
+        self.images = 0
+        self.pending = []  # (batch number, loss) not yet checked
+        self.start = self.last_read = time.perf_counter()
+
+    def update(self, batch, loss, output, labels):
+        n = labels.shape[0]
+        self.loss_sum = self.loss_sum + loss.detach().float() * n
+        self.correct = self.correct + (output.argmax(1) == labels).sum()
+        self.images += n
+        self.pending.append((batch, loss.detach()))
+        if time.perf_counter() - self.last_read >= 1.0:
+            self.read()
+
+    def read(self):
+        self.last_read = time.perf_counter()
+        if self.pending:
+            finite = torch.isfinite(torch.stack([l.float() for _, l in self.pending])).tolist()
+            if not all(finite):
+                raise NonFiniteLoss(f"epoch {self.epoch}, batch {self.pending[finite.index(False)][0]}")
+            self.pending.clear()
+        loss, acc = self.result()
+        seconds = time.perf_counter() - self.start
+        self.bar.set_postfix_str(f"loss {loss:.4f}  acc {acc:.2f}%  {self.images / seconds:.0f} img/s",
+                                 refresh=False)
+
+    def result(self):
+        if not self.images:
+            return float("nan"), float("nan")
+        return float(self.loss_sum) / self.images, 100.0 * float(self.correct) / self.images
+
+
+class Engine:
+    """How batches are run: the plain path, or --fast (bf16 autocast, channels_last,
+    torch.compile with CUDA graphs). Remembers which shapes were compiled, so the compile
+    warm-up is timed apart from the steady epoch."""
+
+    def __init__(self, args, model):
+        self.device = args.device
+        self.fast = args.fast
+        self.cuda = args.device.type == "cuda"
+        self.compiled = self.fast and self.cuda
+        self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
+        self.seen_shapes = set()
+        self.warmup_seconds = 0.0
+        if self.fast:
+            model.to(memory_format=torch.channels_last)
+        if self.compiled:
+            # In place, so state_dict keys stay those of the bare EfficientNet; one graph
+            # per batch shape and mode (train, eval, last partial batches), compiled once.
+            model.module.compile(mode="reduce-overhead", dynamic=False)
+        elif self.fast:
+            print("--fast: torch.compile with CUDA graphs needs CUDA; on the CPU only bf16 "
+                  "autocast and channels_last apply", flush=True)
+
+    def to_device(self, view, images, labels):
+        return (view.on_device(images, self.device, self.memory_format),
+                labels.to(self.device, non_blocking=True))
+
+    def autocast(self):
+        if not self.fast:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def step(self, training, images, run):
+        """Run one batch; returns run()'s result. New shapes on the compiled path are
+        timed (with a sync) as warm-up."""
+        key = (training, tuple(images.shape))
+        first = self.compiled and key not in self.seen_shapes
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        if not first:
+            return run()
+        self.seen_shapes.add(key)
+        torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        result = run()
+        torch.cuda.synchronize(self.device)
+        self.warmup_seconds += time.perf_counter() - start
+        return result
+
+
+def train_step(model, criterion, optimizer, engine, images, labels):
+    def step():
+        with engine.autocast():
+            output = model(images)
+            loss = criterion(output, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return output, loss
+    return engine.step(True, images, step)
+
+
+def eval_step(model, criterion, engine, images, labels):
+    def step():
+        with engine.autocast():
+            output = model(images)
+            return output, criterion(output, labels)
+    return engine.step(False, images, step)
+
+
+def train(model, loader, criterion, optimizer, engine, epoch, stop):
+    model.train()
+    loader.sampler.epoch = epoch
+    with tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True) as bar:
+        meter = Meter(bar, epoch)
+        for batch, (images, labels) in enumerate(bar, 1):
+            stop.check()
+            images, labels = engine.to_device(loader.dataset, images, labels)
+            output, loss = train_step(model, criterion, optimizer, engine, images, labels)
+            meter.update(batch, loss, output, labels)
+        meter.read()
+    return meter
+
+
+def validate(model, loader, criterion, engine, epoch, stop):
+    model.eval()
+    with torch.no_grad(), tqdm(loader, desc=f"epoch {epoch} test", unit="batch", leave=False,
+                               dynamic_ncols=True) as bar:
+        meter = Meter(bar, epoch)
+        for batch, (images, labels) in enumerate(bar, 1):
+            stop.check()
+            images, labels = engine.to_device(loader.dataset, images, labels)
+            output, loss = eval_step(model, criterion, engine, images, labels)
+            meter.update(batch, loss, output, labels)
+        meter.read()
+    return meter
+
+
+def describe_device(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def seed_epoch(seed, epoch):
+    """All randomness of epoch `epoch` (dropout, drop-connect) derives from (seed, epoch):
+    a resumed run needs no saved RNG state to replay exactly."""
+    torch.manual_seed(mix_seed(seed, epoch, 1))
+
+
+def resume_command():
+    argv = [a for a in sys.argv if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "python " + shlex.join(argv)
+
+
+def run(args, model, criterion, optimizer, train_set, test_set):
+    """Train to --epochs, evaluating, saving the checkpoint and the results after every
+    epoch. Exits non-zero (130/143 on SIGINT/SIGTERM, 1 on a non-finite loss), keeping every
+    finished epoch."""
+    config = dict(
+        script=args.script, image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
+        optimizer=type(optimizer).__name__, epochs=args.epochs, seed=args.seed,
+        **count_params(model, optimizer), pretrained=args.pretrained,
+        weights=str(args.weights) if args.weights else (None if args.no_pretrained else WEIGHTS_URL),
+        dummy=args.dummy, fast=args.fast, device=describe_device(args.device),
+        torch=str(torch.__version__), workers=args.workers,
+        limit_train_batches=args.limit_train_batches, limit_eval_batches=args.limit_eval_batches)
+    history = []
+    if args.resume:
+        state = load_checkpoint(args, config)
+        model.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = state["history"]
+    print(f"{args.script}: {config['trainable_params']:,} of {config['total_params']:,} parameters "
+          f"require grad, {config['updated_params']:,} are in the optimizer; {args.image_size} px, "
+          f"batch {args.batch_size}, lr {args.lr}, {config['device']}", flush=True)
+    if args.dummy:
+        print("--dummy: synthetic images; accuracy says nothing about CIFAR-100", flush=True)
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        save_checkpoint(args, model, optimizer, config, history)  # epoch 0: resumable at once
+    save_results(args, config, history, "running")
+    if len(history) >= args.epochs:
+        save_results(args, config, history, "finished")
+        print(f"{args.checkpoint_path} already holds {len(history)} epochs; raise --epochs to go on")
+        return
+
+    engine = Engine(args, model)
+    train_loader, test_loader = make_loader(train_set, args, True), make_loader(test_set, args, False)
+    if engine.cuda:
+        torch.backends.cudnn.benchmark = True
+    with StopFlag() as stop:
+        try:
+            for epoch in range(len(history) + 1, args.epochs + 1):
+                seed_epoch(args.seed, epoch)
+                if engine.cuda:
+                    torch.cuda.reset_peak_memory_stats(args.device)
+                engine.warmup_seconds = 0.0
+                start = time.perf_counter()
+                trained = train(model, train_loader, criterion, optimizer, engine, epoch, stop)
+                train_seconds = time.perf_counter() - start - engine.warmup_seconds
+                tested = validate(model, test_loader, criterion, engine, epoch, stop)
+                (train_loss, train_acc), (test_loss, test_acc) = trained.result(), tested.result()
+                entry = dict(
+                    epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                    test_acc=test_acc, epoch_seconds=time.perf_counter() - start,
+                    train_images_per_second=trained.images / train_seconds,
+                    peak_gpu_memory_gib=torch.cuda.max_memory_allocated(args.device) / 2**30
+                    if engine.cuda else None)
+                if engine.compiled:
+                    entry["warmup_seconds"] = engine.warmup_seconds
+                history.append(entry)
+                save_checkpoint(args, model, optimizer, config, history)
+                save_results(args, config, history, "running")
+                print(epoch_line(entry, args.epochs), flush=True)
+        except Interrupted:
+            save_results(args, config, history, "interrupted")
+            name = signal.Signals(stop.signal).name
+            print(f"\n{name}: stopped during epoch {len(history) + 1}; {args.results_path} holds "
+                  f"{len(history)} finished epoch(s). Resume with:\n  {resume_command()}", file=sys.stderr)
+            sys.exit(EXIT_SIGNAL[stop.signal])
+        except NonFiniteLoss as where:
+            save_results(args, config, history, "failed")
+            fail(f"the loss became NaN or infinite ({where}); {args.results_path} keeps the "
+                    f"{len(history)} finished epoch(s). Try a lower --lr")
+    save_results(args, config, history, "finished")
+    print(f"done: {args.results_path} and {args.checkpoint_path}")
+
+
+def epoch_line(entry, epochs):
+    memory = entry["peak_gpu_memory_gib"]
+    warmup = f", compile warm-up {entry['warmup_seconds']:.0f} s" if "warmup_seconds" in entry else ""
+    return (f"epoch {entry['epoch']}/{epochs}: train loss {entry['train_loss']:.4f} "
+            f"acc {entry['train_acc']:.2f}% | test loss {entry['test_loss']:.4f} "
+            f"acc {entry['test_acc']:.2f}% | {entry['epoch_seconds']:.1f} s, "
+            f"{entry['train_images_per_second']:.0f} train img/s"
+            + (f", peak {memory:.2f} GiB" if memory is not None else "") + warmup)
