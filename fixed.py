@@ -5,11 +5,11 @@ and memory is modest. Each fix is marked FIX below, where bug.py has its ROOT CA
 """
 import torch.nn as nn
 import torch.optim as optim
-from torchvision import transforms
 
 import training
 
 IMAGE_SIZE = 224   # FIX 2: the resolution b0 was trained at
+                   # (the report: 1.5 h an epoch becomes 3 min)
 BATCH_SIZE = 64    # FIX 4
 LR = 0.005         # FIX 3
 EPOCHS = 40
@@ -17,21 +17,7 @@ EPOCHS = 40
 args = training.parse_args(__file__, __doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
                            image_size=IMAGE_SIZE)
 
-train_transforms = transforms.Compose([
-    transforms.Resize((args.image_size, args.image_size)),
-    transforms.RandomHorizontalFlip(),
-    transforms.RandomRotation(10),
-    transforms.ToTensor(),
-    transforms.Normalize([0.485, 0.456, 0.406],
-                         [0.229, 0.224, 0.225])
-])
-test_transforms = transforms.Compose([
-    transforms.Resize((args.image_size, args.image_size)),
-    transforms.ToTensor(),
-    transforms.Normalize([0.485, 0.456, 0.406],
-                         [0.229, 0.224, 0.225])
-])
-train_data, test_data = training.cifar100(args, train_transforms, test_transforms)
+train_data, test_data = training.cifar100(args)  # the report's transforms, at args.image_size
 
 model_transfer = training.efficientnet_b0(args)
 model_transfer._fc = nn.Linear(model_transfer._fc.in_features, 100)

@@ -48,14 +48,14 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     script = Path(script_file).stem
     parser = argparse.ArgumentParser(
         prog=Path(script_file).name, description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     recipe = parser.add_argument_group("recipe (the defaults are this script's)")
     recipe.add_argument("--epochs", type=positive(int), default=epochs)
     recipe.add_argument("--batch-size", type=positive(int), default=batch_size)
     recipe.add_argument("--lr", type=positive(float), default=lr)
     recipe.add_argument("--image-size", type=positive(int), default=image_size,
                         help="images are resized to SIZE x SIZE")
-    recipe.add_argument("--seed", type=int, default=0,
+    recipe.add_argument("--seed", type=non_negative(int), default=0,
                         help="decides initial head weights, shuffling, augmentation and dropout")
     data = parser.add_argument_group("data and weights")
     data.add_argument("--data-dir", type=Path, default=Path("data"),
@@ -272,9 +272,30 @@ class EpochSampler(Sampler):
         return ((self.epoch, index) for index in order)
 
 
-def cifar100(args, train_transforms, test_transforms):
+def report_transforms(image_size):
+    """The report's train and test transforms, resizing to `image_size` (the bug's 1024,
+    the fix's 224)."""
+    train_transforms = transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(10),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406],
+                             [0.229, 0.224, 0.225])
+    ])
+    test_transforms = transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406],
+                             [0.229, 0.224, 0.225])
+    ])
+    return train_transforms, test_transforms
+
+
+def cifar100(args):
     """Train and test sets (torchvision's CIFAR100, or --dummy's synthetic twin) seen
-    through the script's transforms."""
+    through the report's transforms at --image-size."""
+    train_transforms, test_transforms = report_transforms(args.image_size)
     if args.dummy:
         train_set, test_set = SyntheticCIFAR100(True, args.seed), SyntheticCIFAR100(False, args.seed)
     else:
@@ -283,9 +304,9 @@ def cifar100(args, train_transforms, test_transforms):
             test_set = datasets.CIFAR100(args.data_dir, train=False, download=True)
         except (OSError, RuntimeError) as error:  # URLError is an OSError
             fail(f"CIFAR-100 is not in {args.data_dir}/ and could not be downloaded "
-                    f"({error}). Download {CIFAR_ARCHIVE} from {CIFAR_URL} and put it in "
-                    f"{args.data_dir}/ (it is unpacked on first use), pass --data-dir, "
-                    "or use --dummy")
+                 f"({error}). Download {CIFAR_ARCHIVE} from {CIFAR_URL} and put it in "
+                 f"{args.data_dir}/ (it is unpacked on first use), pass --data-dir, "
+                 "or use --dummy")
     return SeededView(train_set, train_transforms, args.seed), SeededView(test_set, test_transforms, args.seed)
 
 
@@ -318,8 +339,8 @@ def efficientnet_b0(args):
     except OSError as error:  # URLError is an OSError
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         fail(f"the ImageNet weights could not be downloaded ({error}). Download "
-                f"{WEIGHTS_FILE} from {WEIGHTS_URL} and put it in {hub}/ or pass "
-                f"--weights PATH; or use --no-pretrained")
+             f"{WEIGHTS_FILE} from {WEIGHTS_URL} and put it in {hub}/ or pass "
+             f"--weights PATH; or use --no-pretrained")
 
 
 def data_parallel(model, device):
@@ -381,15 +402,15 @@ def load_checkpoint(args, config):
         epoch, history, saved = state["epoch"], state["history"], state["config"]
     except Exception as error:  # truncated, corrupt or foreign: all mean "cannot resume"
         fail(f"cannot resume: {args.checkpoint_path} is corrupt or not a checkpoint of "
-                f"this project ({type(error).__name__}); start afresh with --overwrite")
+             f"this project ({type(error).__name__}); start afresh with --overwrite")
     differ = [k for k in RECIPE_KEYS if saved.get(k) != config.get(k)]
     if differ:
         details = ", ".join(f"{k} {saved.get(k)!r} there, {config.get(k)!r} here" for k in differ)
         fail(f"cannot resume: {args.checkpoint_path} is another recipe ({details}); use "
-                "the same settings, or another --run-name")
+             "the same settings, or another --run-name")
     if len(history) != epoch:
         fail(f"cannot resume: {args.checkpoint_path} is inconsistent "
-                f"(epoch {epoch}, {len(history)} epochs of history)")
+             f"(epoch {epoch}, {len(history)} epochs of history)")
     return state
 
 
@@ -600,7 +621,7 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         optimizer.load_state_dict(state["optimizer"])
         history = state["history"]
     print(f"{args.script}: {config['trainable_params']:,} of {config['total_params']:,} parameters "
-          f"require grad, {config['updated_params']:,} are in the optimizer; {args.image_size} px, "
+          f"require grad, {config['updated_params']:,} of them in the optimizer; {args.image_size} px, "
           f"batch {args.batch_size}, lr {args.lr}, {config['device']}", flush=True)
     if args.dummy:
         print("--dummy: synthetic images; accuracy says nothing about CIFAR-100", flush=True)
@@ -608,11 +629,11 @@ def run(args, model, criterion, optimizer, train_set, test_set):
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         save_checkpoint(args, model, optimizer, config, history)  # epoch 0: resumable at once
-    save_results(args, config, history, "running")
     if len(history) >= args.epochs:
         save_results(args, config, history, "finished")
         print(f"{args.checkpoint_path} already holds {len(history)} epochs; raise --epochs to go on")
         return
+    save_results(args, config, history, "running")
 
     engine = Engine(args, model)
     train_loader, test_loader = make_loader(train_set, args, True), make_loader(test_set, args, False)
@@ -651,7 +672,12 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         except NonFiniteLoss as where:
             save_results(args, config, history, "failed")
             fail(f"the loss became NaN or infinite ({where}); {args.results_path} keeps the "
-                    f"{len(history)} finished epoch(s). Try a lower --lr")
+                 f"{len(history)} finished epoch(s). Try a lower --lr")
+        except torch.OutOfMemoryError:
+            save_results(args, config, history, "failed")
+            fail(f"out of GPU memory in epoch {len(history) + 1} ({config['device']}); "
+                 f"{args.results_path} keeps the {len(history)} finished epoch(s). Try a smaller "
+                 "--batch-size or --image-size (the bug's recipe needs about 11 GB: see README)")
     save_results(args, config, history, "finished")
     print(f"done: {args.results_path} and {args.checkpoint_path}")
 
