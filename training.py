@@ -47,32 +47,38 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     defaults. Every bad value is refused here, before anything is loaded or written."""
     script = Path(script_file).stem
     parser = argparse.ArgumentParser(
-        prog=Path(script_file).name, description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+        prog=Path(script_file).name, description=description, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe = parser.add_argument_group("recipe (the defaults are this script's)")
-    recipe.add_argument("--epochs", type=positive(int), default=epochs)
-    recipe.add_argument("--batch-size", type=positive(int), default=batch_size)
-    recipe.add_argument("--lr", type=positive(float), default=lr)
-    recipe.add_argument("--image-size", type=positive(int), default=image_size,
-                        help="images are resized to SIZE x SIZE")
+    recipe.add_argument("--epochs", type=positive(int), default=epochs, metavar="N",
+                        help="epochs to train (default: %(default)s)")
+    recipe.add_argument("--batch-size", type=positive(int), default=batch_size, metavar="N",
+                        help="images per step, train and test (default: %(default)s)")
+    recipe.add_argument("--lr", type=positive(float), default=lr,
+                        help="Adam's learning rate (default: %(default)s)")
+    recipe.add_argument("--image-size", type=positive(int), default=image_size, metavar="SIZE",
+                        help="images are resized to SIZE x SIZE (default: %(default)s)")
     recipe.add_argument("--seed", type=non_negative(int), default=0,
-                        help="decides initial head weights, shuffling, augmentation and dropout")
+                        help="decides the new head's initial weights, shuffling, augmentation "
+                             "and dropout (default: %(default)s)")
     data = parser.add_argument_group("data and weights")
-    data.add_argument("--data-dir", type=Path, default=Path("data"),
-                      help=f"where CIFAR-100 is, or is downloaded to ({CIFAR_ARCHIVE})")
+    data.add_argument("--data-dir", type=Path, default=Path("data"), metavar="DIR",
+                      help=f"where CIFAR-100 is, or is downloaded to ({CIFAR_ARCHIVE}) "
+                           "(default: %(default)s)")
     data.add_argument("--dummy", action="store_true",
                       help="synthetic CIFAR-100-shaped data (50,000/10,000 32x32 images, 100 "
                            "classes), for speed, memory and smoke tests: accuracy then says "
                            "only whether the model can learn at all")
-    data.add_argument("--weights", type=Path,
+    data.add_argument("--weights", type=Path, metavar="PATH",
                       help=f"a local copy of the published ImageNet weights ({WEIGHTS_FILE}), "
                            "for machines without internet")
     data.add_argument("--no-pretrained", action="store_true",
                       help="random initial weights instead of ImageNet's")
     run = parser.add_argument_group("running")
-    run.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    run.add_argument("--workers", type=non_negative(int), default=default_workers(),
-                     help="data loading processes (default: one per CPU available, at most 16)")
+    run.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: %(default)s)")
+    run.add_argument("--workers", type=non_negative(int), default=default_workers(), metavar="N",
+                     help="data loading processes; 0 loads in the main process (default: one "
+                          "less than the CPUs available, at most 16: %(default)s here)")
     run.add_argument("--fast", action="store_true",
                      help="opt-in speed mode that changes numerics: bf16 autocast, "
                           "channels_last, torch.compile with CUDA graphs, fused Adam. For "
@@ -82,13 +88,14 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     run.add_argument("--limit-eval-batches", type=positive(int), metavar="N",
                      help="evaluate on only N batches per epoch")
     out = parser.add_argument_group("results")
-    out.add_argument("--output-dir", type=Path, default=Path("results"))
-    out.add_argument("--run-name", default=script,
-                     help="results go to OUTPUT_DIR/RUN_NAME.json and .pth")
+    out.add_argument("--output-dir", type=Path, default=Path("results"), metavar="DIR",
+                     help="where results and checkpoints go (default: %(default)s)")
+    out.add_argument("--run-name", default=script, metavar="NAME",
+                     help="results go to DIR/NAME.json and DIR/NAME.pth (default: %(default)s)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results of an earlier run of the same name")
     out.add_argument("--resume", action="store_true",
-                     help="continue the run in OUTPUT_DIR from its checkpoint, up to --epochs")
+                     help="continue the run in DIR from its checkpoint, up to --epochs")
     args = parser.parse_args(argv)
     args.script = script
 
