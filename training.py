@@ -137,10 +137,17 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     if existing and not (args.resume or args.overwrite):
         parser.error(f"{existing[0]} holds an earlier run: pass --resume to continue it, "
                      "--overwrite to replace it, or --run-name to keep both")
+    for signum in EXIT_SIGNAL:  # until the loop takes over (StopFlag): nothing to save yet
+        signal.signal(signum, exit_before_training)
     args.pretrained = "none" if args.no_pretrained else "imagenet"
     # fused Adam is a CUDA kernel; None leaves PyTorch's own default, as in the report.
     args.fused = True if args.fast and args.device.type == "cuda" else None
     return args
+
+
+def exit_before_training(signum, frame):
+    print(f"\n{signal.Signals(signum).name}: stopped before training started", file=sys.stderr)
+    sys.exit(EXIT_SIGNAL[signum])
 
 
 def positive(kind):
@@ -317,10 +324,11 @@ def cifar100(args):
     return SeededView(train_set, train_transforms, args.seed), SeededView(test_set, test_transforms, args.seed)
 
 
-def ignore_sigint(worker_id):
-    # Ctrl-C reaches the whole process group: the main process stops the run and shuts the
-    # workers down itself, so they must not die under it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id):
+    # Ctrl-C (and a scheduler's SIGTERM) reach the whole process group: the main process
+    # stops the run and shuts the workers down itself, so they must not die under it.
+    for signum in EXIT_SIGNAL:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_loader(view, args, train):
@@ -329,7 +337,10 @@ def make_loader(view, args, train):
                            limit=limit * args.batch_size if limit else None)
     return DataLoader(view, batch_size=args.batch_size, sampler=sampler,
                       num_workers=args.workers, pin_memory=args.device.type == "cuda",
-                      persistent_workers=args.workers > 0, worker_init_fn=ignore_sigint)
+                      persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
+                      # its own generator: creating an iterator draws a seed from it, which
+                      # would otherwise come from the global RNG and shift dropout's draws
+                      generator=torch.Generator())
 
 
 # --------------------------------------------------------------------------- model
@@ -373,10 +384,14 @@ def count_params(model, optimizer):
 
 # --------------------------------------------------------------------------- results on disk
 
+def temp_path(path):
+    return path.with_name(f".{path.name}.tmp")
+
+
 def atomic_write(path, write):
     """Write via a temp file in the same folder, fsync, rename: a crash at any instant
     leaves the previous complete file or the new complete one, never a partial one."""
-    temp = path.with_name(f".{path.name}.tmp")
+    temp = temp_path(path)
     with open(temp, "wb") as file:
         write(file)
         file.flush()
@@ -460,8 +475,8 @@ class Meter:
     """Running loss/accuracy kept on the device; read (one sync) at most once a second,
     when the loss of every batch since the last read is checked for NaN/inf too."""
 
-    def __init__(self, bar, epoch):
-        self.bar, self.epoch = bar, epoch
+    def __init__(self, bar, where):
+        self.bar, self.where = bar, where
         self.loss_sum = self.correct = 0
         self.images = 0
         self.pending = []  # (batch number, loss) not yet checked
@@ -481,7 +496,7 @@ class Meter:
         if self.pending:
             finite = torch.isfinite(torch.stack([l.float() for _, l in self.pending])).tolist()
             if not all(finite):
-                raise NonFiniteLoss(f"epoch {self.epoch}, batch {self.pending[finite.index(False)][0]}")
+                raise NonFiniteLoss(f"{self.where}, batch {self.pending[finite.index(False)][0]}")
             self.pending.clear()
         loss, acc = self.result()
         seconds = time.perf_counter() - self.start
@@ -568,7 +583,7 @@ def train(model, loader, criterion, optimizer, engine, epoch, stop):
     model.train()
     loader.sampler.epoch = epoch
     with tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True) as bar:
-        meter = Meter(bar, epoch)
+        meter = Meter(bar, f"epoch {epoch} training")
         for batch, (images, labels) in enumerate(bar, 1):
             stop.check()
             images, labels = engine.to_device(loader.dataset, images, labels)
@@ -582,7 +597,7 @@ def validate(model, loader, criterion, engine, epoch, stop):
     model.eval()
     with torch.no_grad(), tqdm(loader, desc=f"epoch {epoch} test", unit="batch", leave=False,
                                dynamic_ncols=True) as bar:
-        meter = Meter(bar, epoch)
+        meter = Meter(bar, f"epoch {epoch} test")
         for batch, (images, labels) in enumerate(bar, 1):
             stop.check()
             images, labels = engine.to_device(loader.dataset, images, labels)
@@ -634,6 +649,8 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         print("--dummy: synthetic images; accuracy says nothing about CIFAR-100", flush=True)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    for path in (args.results_path, args.checkpoint_path):
+        temp_path(path).unlink(missing_ok=True)  # left by a killed run
     if not args.resume:
         save_checkpoint(args, model, optimizer, config, history)  # epoch 0: resumable at once
     if len(history) >= args.epochs:

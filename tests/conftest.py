@@ -1,6 +1,7 @@
 """Shared test helpers: run a script as a user would (a subprocess), or build what a script
 builds (its args, model, optimizer, data) in-process, without training."""
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ def build(monkeypatch):
 
         monkeypatch.setattr(training, "run", capture)
         monkeypatch.setattr(sys, "argv", [str(REPO / script), *map(str, argv)])
-        runpy.run_path(str(REPO / script), run_name="__main__")
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        finally:  # parse_args installs the scripts' own handlers: give pytest its own back
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         return SimpleNamespace(**captured)
     return build
