@@ -10,12 +10,14 @@ import argparse
 import json
 import math
 import os
+import runpy
 import shlex
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -704,6 +706,29 @@ def run(args, model, criterion, optimizer, train_set, test_set):
                  "--batch-size or --image-size (the bug's recipe needs about 11 GB: see README)")
     save_results(args, config, history, "finished")
     print(f"done: {args.results_path} and {args.checkpoint_path}")
+
+
+def build(script, argv):
+    """Run `script` (bug.py or fixed.py) with `argv` up to training.run() and return what
+    it would have trained, untrained: args, model, criterion, optimizer, train_set,
+    test_set. For measuring and testing the scripts' own objects, never a copy of them."""
+    captured = {}
+
+    def capture(args, model, criterion, optimizer, train_set, test_set):
+        captured.update(args=args, model=model, criterion=criterion, optimizer=optimizer,
+                        train_set=train_set, test_set=test_set)
+
+    global run
+    real_run, real_argv = run, sys.argv
+    handlers = {signum: signal.getsignal(signum) for signum in EXIT_SIGNAL}
+    run, sys.argv = capture, [str(script), *map(str, argv)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:  # parse_args installs the scripts' signal handlers: give the caller its own back
+        run, sys.argv = real_run, real_argv
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return SimpleNamespace(**captured)
 
 
 def epoch_line(entry, epochs):

@@ -1,11 +1,8 @@
 """Shared test helpers: run a script as a user would (a subprocess), or build what a script
 builds (its args, model, optimizer, data) in-process, without training."""
-import runpy
-import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -26,23 +23,6 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
 
 
 @pytest.fixture
-def build(monkeypatch):
-    """build("bug.py", *argv) runs the script up to training.run() and returns what it
-    would have trained: args, model, criterion, optimizer, train_set, test_set."""
-    def build(script, *argv):
-        captured = {}
-
-        def capture(args, model, criterion, optimizer, train_set, test_set):
-            captured.update(args=args, model=model, criterion=criterion, optimizer=optimizer,
-                            train_set=train_set, test_set=test_set)
-
-        monkeypatch.setattr(training, "run", capture)
-        monkeypatch.setattr(sys, "argv", [str(REPO / script), *map(str, argv)])
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            runpy.run_path(str(REPO / script), run_name="__main__")
-        finally:  # parse_args installs the scripts' own handlers: give pytest its own back
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-        return SimpleNamespace(**captured)
-    return build
+def build():
+    """build("bug.py", *argv): what the script would train (training.build)."""
+    return lambda script, *argv: training.build(REPO / script, argv)

@@ -1,0 +1,375 @@
+"""Training speed and memory of bug.py and fixed.py, default and --fast, on --dummy data.
+
+For each row (recipe x mode) bench.py runs the script itself up to training.run, with
+`--dummy --no-pretrained --device DEV --workers W [--fast]`, so that it measures the
+script's own model, freezing, optimizer and transforms, then times:
+
+  model only   one real batch already on the device, stepped with training.train_step
+               and training.eval_step through training.Engine: the ceiling;
+  end to end   training.train and training.validate on the real loaders (workers, pinned
+               memory, the script's transforms), clock started after a warm-up.
+
+and prints one table last (also written as JSON, atomically, after every row, so that a
+run cut short keeps its finished rows): images/s and ms/step of both, end-to-end over
+model-only (the goal: 90 % or more), eval images/s, peak GPU memory
+(torch.cuda.max_memory_allocated over the row), warm-up (the untimed steps: for --fast,
+torch.compile and CUDA-graph capture, reported apart) and an estimated epoch: 50,000 train
++ 10,000 test images at the end-to-end rates, warm-up left out. Weights are random: speed
+and memory do not depend on their values.
+
+  python bench.py                            all four rows; each --fast row compiles a train
+                                             and an eval graph: 1.5-2 min each on an H100
+  python bench.py --only bug:default,fixed   three rows, about 2.5 min on an H100
+  python bench.py --only bug:fast            the fourth
+  python bench.py --device cpu --tiny        CPU smoke: 32 px, batch 4, 2 steps, seconds
+"""
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+import training
+
+REPO = Path(__file__).resolve().parent
+RECIPES = {"bug": "bug.py", "fixed": "fixed.py"}
+MODES = {"default": [], "fast": ["--fast"]}
+# Measured (and shown) in this order: the rows without a compile first, then the fix's --fast
+# row, the one the README needs most; the bug's 1024 px graphs compile last.
+ROWS = [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
+DEFAULT_JSON = Path("results/bench.json")
+GOAL = 0.90  # end-to-end images/s over model-only images/s
+
+WARMUP_STEPS = 10  # untimed steps before each timed loop: compile, cuDNN autotuning, workers
+# Timed steps per loop. A bug step is ~50 ms on an H100 (1024 px, batch 4), a fixed one ~55 ms
+# eager and ~14 ms with --fast (224 px, batch 64): each default row takes ~15 s, each --fast
+# row ~1.5-2 min, nearly all of it compiling the train and the eval graphs.
+TIMED_STEPS = {
+    "bug": dict(model_train=30, model_eval=30, train=60, eval=30),
+    "fixed": dict(model_train=30, model_eval=30, train=120, eval=30),
+}
+TINY_FLAGS = ["--image-size", "32", "--batch-size", "4"]
+TINY_WARMUP, TINY_STEPS = 1, 2
+
+
+# --------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
+    parser.add_argument("--workers", type=int,
+                        help="data loading processes (default: the scripts' default, one per "
+                             "CPU available up to 16; 0 with --tiny)")
+    parser.add_argument("--only", metavar="ROWS", default=",".join(f"{r}:{m}" for r, m in ROWS),
+                        help="comma-separated rows to measure: RECIPE:MODE, or a bare recipe "
+                             "(bug, fixed) or mode (default, fast) for all its rows "
+                             "(default: all four)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="timed steps of every loop (default: model-only 30, eval 30, "
+                             "end-to-end training 60 for bug and 120 for fixed)")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke sizes: {' '.join(TINY_FLAGS)}, {TINY_WARMUP} warm-up and "
+                             f"{TINY_STEPS} timed steps, workers 0")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
+                        help=f"where the results go (default: {DEFAULT_JSON})")
+    options = parser.parse_args(argv)
+    try:
+        options.rows = select_rows(options.only)
+    except ValueError as error:
+        parser.error(f"--only {options.only}: {error}")
+    if options.steps is not None and options.steps < 1:
+        parser.error("--steps must be 1 or more")
+    if options.workers is not None and options.workers < 0:
+        parser.error("--workers must be 0 or more")
+    if options.workers is None:
+        options.workers = 0 if options.tiny else training.default_workers()
+    return options
+
+
+def select_rows(only):
+    """The rows of ROWS that `only` names, in ROWS' order."""
+    wanted = set()
+    for item in filter(None, (part.strip() for part in only.split(","))):
+        matches = [(r, m) for r, m in ROWS if item in (r, m, f"{r}:{m}")]
+        if not matches:
+            raise ValueError(f"unknown row {item!r}; rows are "
+                             + ", ".join(f"{r}:{m}" for r, m in ROWS))
+        wanted.update(matches)
+    if not wanted:
+        raise ValueError("no rows selected")
+    return [row for row in ROWS if row in wanted]
+
+
+# --------------------------------------------------------------------------- building a recipe
+
+def build(script, flags):
+    with contextlib.redirect_stdout(io.StringIO()):  # the scripts print in_features
+        return training.build(REPO / script, flags)
+
+
+def script_flags(mode, options):
+    # --overwrite: an earlier results/bug.json must not stop the build; nothing is written,
+    # since training.run is never called.
+    flags = ["--dummy", "--no-pretrained", "--device", str(options.device),
+             "--workers", str(options.workers), "--overwrite", *MODES[mode]]
+    return flags + (TINY_FLAGS if options.tiny else [])
+
+
+def loop_steps(recipe, options):
+    """(warm-up steps, {loop: timed steps}) for this recipe."""
+    if options.tiny:
+        return TINY_WARMUP, {loop: options.steps or TINY_STEPS for loop in TIMED_STEPS[recipe]}
+    return WARMUP_STEPS, {loop: options.steps or n for loop, n in TIMED_STEPS[recipe].items()}
+
+
+# --------------------------------------------------------------------------- timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device, function, repeats):
+    """Seconds per call of function(), over `repeats` calls, synced before and after."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def first_batch(view, engine, batch_size):
+    """The view's first `batch_size` images (epoch 1, the script's transforms), collated
+    and put on the device by the engine, as the training loop does."""
+    images, labels = default_collate([view[(1, index)] for index in range(batch_size)])
+    return engine.to_device(view, images, labels)
+
+
+def model_only(r, engine, warmup, steps):
+    """Seconds per train step and per eval step on one batch resident on the device, and the
+    seconds spent warming up (compile and CUDA-graph capture with --fast)."""
+    device = r.args.device
+    images, labels = first_batch(r.train_set, engine, r.args.batch_size)
+
+    def train():
+        training.train_step(r.model, r.criterion, r.optimizer, engine, images, labels)
+
+    def evaluate():
+        with torch.no_grad():
+            training.eval_step(r.model, r.criterion, engine, images, labels)
+
+    r.model.train()
+    warmup_seconds = timed(device, train, warmup) * warmup
+    train_seconds = timed(device, train, steps["model_train"])
+    r.model.eval()
+    warmup_seconds += timed(device, evaluate, warmup) * warmup
+    eval_seconds = timed(device, evaluate, steps["model_eval"])
+    r.model.train()
+    return train_seconds, eval_seconds, warmup_seconds
+
+
+class BatchClock:
+    """The `stop` object of training.train / validate: it never stops the loop, and starts
+    the clock (after a sync) when batch `warmup + 1` arrives, so that worker start-up, the
+    batches they prefetched meanwhile and any compile stay out of the timed part."""
+
+    def __init__(self, device, warmup):
+        self.device, self.warmup = device, warmup
+        self.batches, self.start = 0, None
+
+    def check(self):
+        self.batches += 1
+        if self.batches == self.warmup + 1:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def seconds_per_batch(self):
+        sync(self.device)
+        return (time.perf_counter() - self.start) / (self.batches - self.warmup)
+
+
+def end_to_end(r, engine, train, warmup, steps):
+    """Seconds per batch of training.train (train=True) or training.validate on the real
+    loader, limited to warmup + steps batches."""
+    args = r.args
+    limit = warmup + steps
+    if train:
+        args.limit_train_batches = limit
+    else:
+        args.limit_eval_batches = limit
+    view = r.train_set if train else r.test_set
+    loader = training.make_loader(view, args, train)
+    clock = BatchClock(args.device, warmup)
+    if train:
+        training.train(r.model, loader, r.criterion, r.optimizer, engine, 1, clock)
+    else:
+        training.validate(r.model, loader, r.criterion, engine, 1, clock)
+    seconds = clock.seconds_per_batch()
+    del loader  # shuts its persistent workers down
+    return seconds
+
+
+def measure(recipe, mode, options):
+    """One row of the table."""
+    started = time.perf_counter()
+    device = options.device
+    leftover = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    r = build(RECIPES[recipe], script_flags(mode, options))
+    args = r.args
+    warmup, steps = loop_steps(recipe, options)
+    # What training.run does before its epochs.
+    engine = training.Engine(args, r.model)
+    if engine.cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    training.seed_epoch(args.seed, 1)
+
+    train_seconds, eval_seconds, warmup_seconds = model_only(r, engine, warmup, steps)
+    # Drain what the workers prefetch at start-up (2 batches each) before the clock starts.
+    loader_warmup = max(warmup, 2 * args.workers)
+    e2e_train_seconds = end_to_end(r, engine, True, loader_warmup, steps["train"])
+    e2e_eval_seconds = end_to_end(r, engine, False, loader_warmup, steps["eval"])
+
+    batch = args.batch_size
+    e2e_train_rate, e2e_eval_rate = batch / e2e_train_seconds, batch / e2e_eval_seconds
+    peak = ((torch.cuda.max_memory_allocated(device) - leftover) / 2**30
+            if engine.cuda else None)
+    counts = training.count_params(r.model, r.optimizer)
+    return dict(
+        recipe=recipe, script=RECIPES[recipe], mode=mode, image_size=args.image_size,
+        batch_size=batch, workers=args.workers, trainable_params=counts["trainable_params"],
+        model_ms_per_step=1e3 * train_seconds,
+        model_train_images_per_second=batch / train_seconds,
+        model_eval_images_per_second=batch / eval_seconds,
+        end_to_end_ms_per_step=1e3 * e2e_train_seconds,
+        end_to_end_train_images_per_second=e2e_train_rate,
+        end_to_end_eval_images_per_second=e2e_eval_rate,
+        end_to_end_over_model=train_seconds / e2e_train_seconds,
+        peak_gpu_memory_gib=peak,
+        warmup_seconds=warmup_seconds,
+        compile_seconds=engine.warmup_seconds if engine.compiled else None,
+        epoch_seconds_estimate=training.TRAIN_IMAGES / e2e_train_rate
+        + training.TEST_IMAGES / e2e_eval_rate,
+        warmup_steps=dict(model=warmup, end_to_end=loader_warmup), timed_steps=steps,
+        row_seconds=time.perf_counter() - started)
+
+
+def release(device):
+    """Free the previous row's compiled graphs, CUDA-graph pools and cached blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- output
+
+COLUMNS = [  # (header, row key, format)
+    ("recipe", "recipe", "{}"),
+    ("mode", "mode", "{}"),
+    ("px", "image_size", "{}"),
+    ("batch", "batch_size", "{}"),
+    ("model img/s", "model_train_images_per_second", "{:,.0f}"),
+    ("model ms/step", "model_ms_per_step", "{:,.1f}"),
+    ("e2e img/s", "end_to_end_train_images_per_second", "{:,.0f}"),
+    ("e2e ms/step", "end_to_end_ms_per_step", "{:,.1f}"),
+    ("e2e/model", "end_to_end_over_model", "{:.0%}"),
+    ("eval img/s model", "model_eval_images_per_second", "{:,.0f}"),
+    ("eval img/s e2e", "end_to_end_eval_images_per_second", "{:,.0f}"),
+    ("peak GiB", "peak_gpu_memory_gib", "{:.2f}"),
+    ("warm-up s", "warmup_seconds", "{:,.1f}"),
+    ("est. s/epoch", "epoch_seconds_estimate", "{:,.0f}"),
+]
+
+
+def cells(row):
+    if "error" in row:
+        return [row["recipe"], row["mode"], f"error: {row['error']}"] + [""] * (len(COLUMNS) - 3)
+    return ["-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in COLUMNS]
+
+
+def table(document):
+    """The results as a Markdown table, under a header that says where they come from."""
+    lines = [[header for header, _, _ in COLUMNS]] + [cells(row) for row in document["rows"]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+
+    def markdown(line):
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |"
+
+    below_goal = [f"{r['recipe']} {r['mode']}" for r in document["rows"]
+                  if "error" not in r and r["end_to_end_over_model"] < GOAL]
+    header = [
+        f"bench.py on {document['device']}, torch {document['torch']}, {document['date']}, "
+        f"{document['cpus']} CPUs, --workers {document['workers']}, --dummy data, random weights",
+        f"model = one batch resident on the device; e2e = training.train/validate on the real "
+        f"loaders; est. s/epoch = {training.TRAIN_IMAGES:,} + {training.TEST_IMAGES:,} images "
+        f"at the e2e rates, warm-up excluded",
+        f"e2e/model goal >= {GOAL:.0%}: "
+        + (f"below it: {', '.join(below_goal)}" if below_goal else "met by every row"),
+        "",
+    ]
+    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join(header + [markdown(lines[0]), separator] + [markdown(l) for l in lines[1:]])
+
+
+def save(path, document):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    training.atomic_write(path, lambda f: f.write(json.dumps(document, indent=2).encode()))
+
+
+def resolve_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"bench.py: error: --device {name}: unknown device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py: error: CUDA is not available here: use --device cpu --tiny")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def main(argv=None):
+    options = parse_args(argv)
+    options.device = resolve_device(options.device)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    document = dict(
+        device=training.describe_device(options.device), torch=str(torch.__version__),
+        date=datetime.now().strftime("%Y-%m-%d %H:%M"), cpus=cpus, workers=options.workers,
+        tiny=options.tiny, command="python " + " ".join(sys.argv), status="running", rows=[])
+    failed = False
+    for recipe, mode in options.rows:
+        print(f"{recipe} {mode}: measuring ...", flush=True)
+        try:
+            row = measure(recipe, mode, options)
+            print(f"{recipe} {mode}: {row['model_train_images_per_second']:,.1f} img/s model only, "
+                  f"{row['end_to_end_train_images_per_second']:,.1f} end to end "
+                  f"({row['end_to_end_over_model']:.0%}), warm-up {row['warmup_seconds']:.1f} s, "
+                  f"row {row['row_seconds']:.0f} s", flush=True)
+        except Exception as error:  # a failed row (say, a compile error) must not lose the others
+            traceback.print_exc()
+            row, failed = dict(recipe=recipe, mode=mode, error=f"{type(error).__name__}: {error}"[:200]), True
+        document["rows"].append(row)
+        save(options.json, document)  # a run cut short keeps its finished rows
+        release(options.device)
+    document["status"] = "failed" if failed else "finished"
+    save(options.json, document)
+    print(f"\nwritten: {options.json}\n")
+    print(table(document), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""bench.py's CPU smoke: all four rows at tiny size, the table printed last, the JSON."""
+import json
+import math
+
+import torch
+
+from conftest import run_script
+
+ROWS = {("bug", "default"), ("fixed", "default"), ("bug", "fast"), ("fixed", "fast")}
+RATES = ("model_train_images_per_second", "model_eval_images_per_second",
+         "end_to_end_train_images_per_second", "end_to_end_eval_images_per_second")
+
+
+def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
+    path = tmp_path / "out" / "bench.json"  # a folder that does not exist yet
+    done = run_script("bench.py", "--device", "cpu", "--tiny", "--json", path, cwd=tmp_path,
+                      timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    document = json.loads(path.read_text())
+    assert document["status"] == "finished"
+    assert document["device"] == "cpu" and document["torch"] and document["date"]
+    rows = document["rows"]
+    assert {(row["recipe"], row["mode"]) for row in rows} == ROWS and len(rows) == 4
+    for row in rows:
+        assert (row["image_size"], row["batch_size"], row["workers"]) == (32, 4, 0)
+        for key in RATES + ("model_ms_per_step", "end_to_end_ms_per_step",
+                            "epoch_seconds_estimate", "end_to_end_over_model"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["recipe"], row["mode"], key)
+        assert row["peak_gpu_memory_gib"] is None  # no GPU memory on the CPU
+    # The scripts' own objects were measured: bug.py trains only BatchNorm's affine parameters.
+    trainable = {row["recipe"]: row["trainable_params"] for row in rows}
+    assert trainable == {"bug": 42_016, "fixed": 4_135_648}
+    assert not list(tmp_path.glob("*.json")) and not (tmp_path / "results").exists()
+
+    # One table, last: a header naming device and torch, then one line per row.
+    lines = done.stdout.rstrip().splitlines()
+    table = lines[-6:]
+    assert table[0].startswith("| recipe") and set(table[1]) <= set("|-")
+    assert [tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in table[2:]] \
+        == [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
+    header = "\n".join(lines[:-6])
+    assert "bench.py on cpu" in header and str(torch.__version__) in header
