@@ -7,8 +7,6 @@
   learns, as the default path does;
 - bug.py learns nothing: not one parameter changes."""
 import json
-import runpy
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from torchvision import transforms
 
 import training
-from conftest import REPO, run_script
+from conftest import run_script
 
 BATCH, BATCHES = 4, 2
 SMALL = ["--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0",
@@ -35,33 +33,16 @@ FALLBACK = "--fast: torch.compile with CUDA graphs needs CUDA"
 
 
 @pytest.fixture
-def script(monkeypatch, tmp_path):
-    """script("fixed.py", *argv) runs the script up to training.run() and returns what it
-    would have trained (args, model, ..., train_set, test_set) and the original Compose
-    objects its data were given (train_transforms, test_transforms), caught where they enter
-    training.SeededView. Nothing is written: --output-dir is a fresh folder, so that no
-    earlier results/ stands in the way."""
-    def run_up_to_training(name, *argv):
-        captured, composes = {}, []
-
-        def capture(args, model, criterion, optimizer, train_set, test_set):
-            captured.update(args=args, model=model, criterion=criterion, optimizer=optimizer,
-                            train_set=train_set, test_set=test_set)
-
-        def seeded_view(images, transform, seed, real=training.SeededView):
-            composes.append(transform)
-            return real(images, transform, seed)
-
-        monkeypatch.setattr(training, "run", capture)
-        monkeypatch.setattr(training, "SeededView", seeded_view)
-        argv = [*map(str, argv), "--output-dir", str(tmp_path / "build")]
-        monkeypatch.setattr(sys, "argv", [str(REPO / name), *argv])
-        runpy.run_path(str(REPO / name), run_name="__main__")
-        monkeypatch.undo()
-        train_transforms, test_transforms = composes
-        return SimpleNamespace(**captured, train_transforms=train_transforms,
-                               test_transforms=test_transforms)
-    return run_up_to_training
+def script(build):
+    """script("fixed.py", *argv): what the script would train (the `build` fixture), plus
+    the report's original Compose objects at its image size (train_transforms,
+    test_transforms): the plain pipeline its data must equal."""
+    def built(name, *argv):
+        result = build(name, *argv)
+        result.train_transforms, result.test_transforms = training.report_transforms(
+            result.args.image_size)
+        return result
+    return built
 
 
 def loader_batches(view, args, train, workers, epoch=1):
