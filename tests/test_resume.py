@@ -440,36 +440,35 @@ def assert_interrupted(out, log_dir, proc, code, seconds):
     return document, command
 
 
-def test_sigint_stops_cleanly_and_the_printed_command_resumes(tmp_path):
+def interrupt_a_run(tmp_path, signum, code):
+    """Start a run, send `signum` once an epoch has finished, check what it leaves; return
+    the results document and the resume command it printed."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     proc = start_run(tiny(out, *SIGNAL_ARGS), logs)
     try:
         wait_for_epochs(out, proc, logs)
-        seconds = stop_with(proc, lambda: proc.send_signal(signal.SIGINT))
+        seconds = stop_with(proc, lambda: proc.send_signal(signum))
     finally:
         if proc.poll() is None:
             proc.kill()
-    document, command = assert_interrupted(out, logs, proc, 130, seconds)
+    return assert_interrupted(out, logs, proc, code, seconds)
+
+
+def test_sigint_stops_cleanly_and_the_printed_command_resumes(tmp_path):
+    document, command = interrupt_a_run(tmp_path, signal.SIGINT, 130)
     assert command.startswith("python ") and "--resume" in command, command
 
     finished = len(document["epochs"])
     argv = shlex.split(command)
     argv = with_arg([sys.executable, *argv[1:]], "--epochs", finished + 1)
-    resumed = ok(subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300))
+    resumed = ok(subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True,
+                                timeout=300))
     assert "done:" in resumed.stdout
-    assert_finished(out, finished + 1)
+    assert_finished(tmp_path / "out", finished + 1)
 
 
 def test_sigterm_stops_cleanly(tmp_path):
-    out, logs = tmp_path / "out", tmp_path / "logs"
-    proc = start_run(tiny(out, *SIGNAL_ARGS), logs)
-    try:
-        wait_for_epochs(out, proc, logs)
-        seconds = stop_with(proc, lambda: proc.send_signal(signal.SIGTERM))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    _, command = assert_interrupted(out, logs, proc, 143, seconds)
+    _, command = interrupt_a_run(tmp_path, signal.SIGTERM, 143)
     assert "--resume" in command
 
 
