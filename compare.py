@@ -197,6 +197,9 @@ def plot(summaries, path):
     memory.bar_label(bars, labels=["n/a (CPU)" if g is None else f"{g:.2f}" for g in gib],
                      fontsize=8)
     memory.set(title="peak GPU memory", ylabel="GiB")
+    if all(g is None for g in gib):
+        memory.set_ylim(0, 1)  # no GPU run: an axis around zero would suggest numbers
+        memory.set_yticks([])
     for axes in (speed, memory):
         axes.set_xticks(slots, names, fontsize=8, rotation=15 if len(names) > 3 else 0)
         axes.margins(y=0.15)  # room for the value labels above the tallest bar
