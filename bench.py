@@ -360,7 +360,8 @@ def main(argv=None):
                   f"row {row['row_seconds']:.0f} s", flush=True)
         except Exception as error:  # a failed row (say, a compile error) must not lose the others
             traceback.print_exc()
-            row, failed = dict(recipe=recipe, mode=mode, error=f"{type(error).__name__}: {error}"[:200]), True
+            failed = True
+            row = dict(recipe=recipe, mode=mode, error=f"{type(error).__name__}: {error}"[:200])
         document["rows"].append(row)
         save(options.json, document)  # a run cut short keeps its finished rows
         release(options.device)

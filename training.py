@@ -185,7 +185,8 @@ def check_weights_file(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: the message is what matters
         return f"not a PyTorch state dict ({type(error).__name__})"
-    expected = {k: v.shape for k, v in EfficientNet.from_name("efficientnet-b0").state_dict().items()}
+    reference = EfficientNet.from_name("efficientnet-b0").state_dict()
+    expected = {key: tensor.shape for key, tensor in reference.items()}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return "not a state dict of tensors"
     missing = sorted(expected.keys() - state.keys())
@@ -241,7 +242,8 @@ class SeededView(Dataset):
         self.images, self.seed = images, seed
         self.on_device_constants = {}
         *head, to_tensor, normalize = transform.transforms
-        if isinstance(to_tensor, transforms.ToTensor) and isinstance(normalize, transforms.Normalize):
+        if (isinstance(to_tensor, transforms.ToTensor)
+                and isinstance(normalize, transforms.Normalize)):
             self.transform = transforms.Compose([*head, transforms.PILToTensor()])
             self.normalize = normalize
         else:
@@ -325,7 +327,8 @@ def cifar100(args):
     through the report's transforms at --image-size."""
     train_transforms, test_transforms = report_transforms(args.image_size)
     if args.dummy:
-        train_set, test_set = SyntheticCIFAR100(True, args.seed), SyntheticCIFAR100(False, args.seed)
+        train_set = SyntheticCIFAR100(train=True, seed=args.seed)
+        test_set = SyntheticCIFAR100(train=False, seed=args.seed)
     else:
         try:
             train_set = datasets.CIFAR100(args.data_dir, train=True, download=True)
@@ -335,7 +338,8 @@ def cifar100(args):
                  f"({error}). Download {CIFAR_ARCHIVE} from {CIFAR_URL} and put it in "
                  f"{args.data_dir}/ (it is unpacked on first use), pass --data-dir, "
                  "or use --dummy")
-    return SeededView(train_set, train_transforms, args.seed), SeededView(test_set, test_transforms, args.seed)
+    return (SeededView(train_set, train_transforms, args.seed),
+            SeededView(test_set, test_transforms, args.seed))
 
 
 def ignore_stop_signals(worker_id):
@@ -498,7 +502,7 @@ class Meter:
 
     def update(self, batch, loss, output, labels):
         n = labels.shape[0]
-        self.loss_sum = self.loss_sum + loss.detach().float() * n
+        self.loss_sum = self.loss_sum + loss.detach().double() * n  # float64: 12,500 adds an epoch
         self.correct = self.correct + (output.argmax(1) == labels).sum()
         self.images += n
         self.pending.append((batch, loss.detach()))
@@ -514,8 +518,8 @@ class Meter:
             self.pending.clear()
         loss, acc = self.result()
         seconds = time.perf_counter() - self.start
-        self.bar.set_postfix_str(f"loss {loss:.4f}  acc {acc:.2f}%  {rate(self.images / seconds)} img/s",
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"loss {loss:.4f}  acc {acc:.2f}%  {rate(self.images / seconds)} img/s", refresh=False)
 
     def result(self):
         if not self.images:
@@ -596,7 +600,8 @@ def eval_step(model, criterion, engine, images, labels):
 def train(model, loader, criterion, optimizer, engine, epoch, stop):
     model.train()
     loader.sampler.epoch = epoch
-    with tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True) as bar:
+    with tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False,
+              dynamic_ncols=True) as bar:
         meter = Meter(bar, f"epoch {epoch} training")
         for batch, (images, labels) in enumerate(bar, 1):
             stop.check()
@@ -646,7 +651,7 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         script=args.script, image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
         optimizer=type(optimizer).__name__, epochs=args.epochs, seed=args.seed,
         **count_params(model, optimizer), pretrained=args.pretrained,
-        weights=str(args.weights) if args.weights else (None if args.no_pretrained else WEIGHTS_URL),
+        weights=None if args.no_pretrained else str(args.weights or WEIGHTS_URL),
         dummy=args.dummy, fast=args.fast, device=describe_device(args.device),
         torch=str(torch.__version__), workers=args.workers,
         limit_train_batches=args.limit_train_batches, limit_eval_batches=args.limit_eval_batches)
@@ -656,9 +661,10 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         model.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history = state["history"]
-    print(f"{args.script}: {config['trainable_params']:,} of {config['total_params']:,} parameters "
-          f"require grad, {config['updated_params']:,} of them in the optimizer; {args.image_size} px, "
-          f"batch {args.batch_size}, lr {args.lr}, {config['device']}", flush=True)
+    print(f"{args.script}: {config['trainable_params']:,} of {config['total_params']:,} "
+          f"parameters require grad, {config['updated_params']:,} of them in the optimizer; "
+          f"{args.image_size} px, batch {args.batch_size}, lr {args.lr}, {config['device']}",
+          flush=True)
     if args.dummy:
         print("--dummy: synthetic images; accuracy says nothing about CIFAR-100", flush=True)
 
@@ -669,12 +675,14 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         save_checkpoint(args, model, optimizer, config, history)  # epoch 0: resumable at once
     if len(history) >= args.epochs:
         save_results(args, config, history, "finished")
-        print(f"{args.checkpoint_path} already holds {len(history)} epochs; raise --epochs to go on")
+        print(f"{args.checkpoint_path} already holds {len(history)} epochs; "
+              "raise --epochs to go on")
         return
     save_results(args, config, history, "running")
 
     engine = Engine(args, model)
-    train_loader, test_loader = make_loader(train_set, args, True), make_loader(test_set, args, False)
+    train_loader = make_loader(train_set, args, train=True)
+    test_loader = make_loader(test_set, args, train=False)
     if engine.cuda:
         torch.backends.cudnn.benchmark = True
     with StopFlag() as stop:
@@ -705,7 +713,8 @@ def run(args, model, criterion, optimizer, train_set, test_set):
             save_results(args, config, history, "interrupted")
             name = signal.Signals(stop.signal).name
             print(f"\n{name}: stopped during epoch {len(history) + 1}; {args.results_path} holds "
-                  f"{len(history)} finished epoch(s). Resume with:\n  {resume_command()}", file=sys.stderr)
+                  f"{len(history)} finished epoch(s). Resume with:\n  {resume_command()}",
+                  file=sys.stderr)
             sys.exit(EXIT_SIGNAL[stop.signal])
         except NonFiniteLoss as where:
             save_results(args, config, history, "failed")
@@ -752,7 +761,8 @@ def rate(images_per_second):
 
 def epoch_line(entry, epochs):
     memory = entry["peak_gpu_memory_gib"]
-    warmup = f", compile warm-up {entry['warmup_seconds']:.0f} s" if "warmup_seconds" in entry else ""
+    warmup = (f", compile warm-up {entry['warmup_seconds']:.0f} s"
+              if "warmup_seconds" in entry else "")
     return (f"epoch {entry['epoch']}/{epochs}: train loss {entry['train_loss']:.4f} "
             f"acc {entry['train_acc']:.2f}% | test loss {entry['test_loss']:.4f} "
             f"acc {entry['test_acc']:.2f}% | {entry['epoch_seconds']:.1f} s, "
