@@ -7,9 +7,11 @@ the scripts ask for: the transforms, the freezing, the optimizer and the hyper-p
 are theirs, used as given.
 """
 import argparse
+import collections
 import json
 import math
 import os
+import random
 import runpy
 import shlex
 import signal
@@ -40,6 +42,8 @@ WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]  # efficientnet-b0-355c32eb.pth
 RECIPE_KEYS = ("script", "image_size", "batch_size", "lr", "optimizer", "pretrained", "dummy",
                "fast", "seed", "limit_train_batches", "limit_eval_batches")
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# With --fast, the first calls per batch shape: compile, an eager warm-up run, CUDA-graph capture.
+COMPILED_WARMUP_CALLS = 3
 
 
 # --------------------------------------------------------------------------- command line
@@ -538,8 +542,8 @@ class Engine:
         self.cuda = args.device.type == "cuda"
         self.compiled = self.fast and self.cuda
         self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
-        self.seen_shapes = set()
-        self.warmup_seconds = 0.0
+        self.calls = collections.Counter()  # by (training, batch shape)
+        self.warmup_seconds, self.warmup_images = 0.0, 0
         if self.fast:
             model.to(memory_format=torch.channels_last)
         if self.compiled:
@@ -560,20 +564,22 @@ class Engine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def step(self, training, images, run):
-        """Run one batch; returns run()'s result. New shapes on the compiled path are
-        timed (with a sync) as warm-up."""
-        key = (training, tuple(images.shape))
-        first = self.compiled and key not in self.seen_shapes
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        if not first:
+        """Run one batch; returns run()'s result. On the compiled path the first calls of
+        each mode and batch shape (compile, an eager warm-up run, CUDA-graph recording) are
+        timed, with a sync, as warm-up."""
+        if not self.compiled:
             return run()
-        self.seen_shapes.add(key)
+        torch.compiler.cudagraph_mark_step_begin()
+        key = (training, tuple(images.shape))
+        self.calls[key] += 1
+        if self.calls[key] > COMPILED_WARMUP_CALLS:
+            return run()
         torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         result = run()
         torch.cuda.synchronize(self.device)
         self.warmup_seconds += time.perf_counter() - start
+        self.warmup_images += images.shape[0] if training else 0
         return result
 
 
@@ -631,9 +637,13 @@ def describe_device(device):
 
 
 def seed_epoch(seed, epoch):
-    """All randomness of epoch `epoch` (dropout, drop-connect) derives from (seed, epoch):
-    a resumed run needs no saved RNG state to replay exactly."""
-    torch.manual_seed(mix_seed(seed, epoch, 1))
+    """All randomness of epoch `epoch` (dropout, drop-connect; augmentation and shuffling
+    seed themselves, see SeededView) derives from (seed, epoch): a resumed run needs no
+    saved RNG state to replay exactly."""
+    epoch_seed = mix_seed(seed, epoch, 1)
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    torch.manual_seed(epoch_seed)  # CPU and every CUDA device
 
 
 def resume_command():
@@ -691,16 +701,21 @@ def run(args, model, criterion, optimizer, train_set, test_set):
                 seed_epoch(args.seed, epoch)
                 if engine.cuda:
                     torch.cuda.reset_peak_memory_stats(args.device)
-                engine.warmup_seconds = 0.0
+                engine.warmup_seconds, engine.warmup_images = 0.0, 0
                 start = time.perf_counter()
                 trained = train(model, train_loader, criterion, optimizer, engine, epoch, stop)
-                train_seconds = time.perf_counter() - start - engine.warmup_seconds
+                train_seconds = time.perf_counter() - start
+                if trained.images > engine.warmup_images:  # the steady rate, compiling aside
+                    train_rate = ((trained.images - engine.warmup_images)
+                                  / (train_seconds - engine.warmup_seconds))
+                else:
+                    train_rate = trained.images / train_seconds
                 tested = validate(model, test_loader, criterion, engine, epoch, stop)
                 (train_loss, train_acc), (test_loss, test_acc) = trained.result(), tested.result()
                 entry = dict(
                     epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                     test_acc=test_acc, epoch_seconds=time.perf_counter() - start,
-                    train_images_per_second=trained.images / train_seconds,
+                    train_images_per_second=train_rate,
                     peak_gpu_memory_gib=torch.cuda.max_memory_allocated(args.device) / 2**30
                     if engine.cuda else None)
                 if engine.compiled:
