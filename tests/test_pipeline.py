@@ -170,3 +170,25 @@ def test_bug_changes_no_parameter(tmp_path, script):
         assert torch.equal(final[name], parameter.detach()), name
     # It did train: BatchNorm's running statistics (buffers, not parameters) moved.
     assert not torch.equal(final["_bn0.running_mean"], initial._bn0.running_mean)
+
+
+def test_fast_counts_only_each_shapes_first_calls_as_warm_up(monkeypatch):
+    """The compiled path's bookkeeping, on the CPU: the first COMPILED_WARMUP_CALLS calls of
+    each (mode, batch shape) are timed as warm-up, later ones are not, and every call marks
+    a new CUDA-graph step."""
+    engine = training.Engine(SimpleNamespace(device=torch.device("cpu"), fast=False),
+                             torch.nn.Identity())
+    engine.compiled = True  # what --fast on CUDA sets; the CUDA calls are stubbed below
+    marks = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    full, partial = torch.zeros(4, 3, 8, 8), torch.zeros(2, 3, 8, 8)
+    calls = [(True, full)] * 5 + [(True, partial)] + [(False, full)] * 4
+    results = [engine.step(mode, images, lambda: "ran") for mode, images in calls]
+
+    assert results == ["ran"] * len(calls) and len(marks) == len(calls)
+    warm = training.COMPILED_WARMUP_CALLS
+    assert engine.warmup_images == warm * 4 + 2  # training images only; eval is apart
+    assert sum(engine.calls.values()) == len(calls)
+    assert engine.calls[(True, tuple(full.shape))] == 5
+    assert engine.warmup_seconds > 0
