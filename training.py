@@ -42,6 +42,10 @@ WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]  # efficientnet-b0-355c32eb.pth
 RECIPE_KEYS = ("script", "image_size", "batch_size", "lr", "optimizer", "pretrained", "dummy",
                "fast", "seed", "limit_train_batches", "limit_eval_batches")
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# --fast on CUDA: torch.compile with CUDA graphs (reduce-overhead), which removes the eager
+# step's kernel-launch overhead; static shapes: one graph per batch shape and mode.
+COMPILE = dict(mode="reduce-overhead", dynamic=False)
+COMPILE_ON = ("cuda",)  # CUDA graphs need CUDA
 # With --fast, the first calls per batch shape: compile, an eager warm-up run, CUDA-graph capture.
 COMPILED_WARMUP_CALLS = 3
 
@@ -540,7 +544,7 @@ class Engine:
         self.device = args.device
         self.fast = args.fast
         self.cuda = args.device.type == "cuda"
-        self.compiled = self.fast and self.cuda
+        self.compiled = self.fast and self.device.type in COMPILE_ON
         self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
         self.calls = collections.Counter()  # by (training, batch shape)
         self.warmup_seconds, self.warmup_images = 0.0, 0
@@ -549,7 +553,7 @@ class Engine:
         if self.compiled:
             # In place, so state_dict keys stay those of the bare EfficientNet; one graph
             # per batch shape and mode (train, eval, last partial batches), compiled once.
-            model.module.compile(mode="reduce-overhead", dynamic=False)
+            model.module.compile(**COMPILE)
         elif self.fast:
             print("--fast: torch.compile with CUDA graphs needs CUDA; on the CPU only bf16 "
                   "autocast and channels_last apply", flush=True)
@@ -557,6 +561,10 @@ class Engine:
     def to_device(self, view, images, labels):
         return (view.on_device(images, self.device, self.memory_format),
                 labels.to(self.device, non_blocking=True))
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     def autocast(self):
         if not self.fast:
@@ -574,10 +582,10 @@ class Engine:
         self.calls[key] += 1
         if self.calls[key] > COMPILED_WARMUP_CALLS:
             return run()
-        torch.cuda.synchronize(self.device)
+        self.sync()
         start = time.perf_counter()
         result = run()
-        torch.cuda.synchronize(self.device)
+        self.sync()
         self.warmup_seconds += time.perf_counter() - start
         self.warmup_images += images.shape[0] if training else 0
         return result

@@ -5,6 +5,8 @@
   per-image seed, whatever --workers;
 - --fast falls back on the CPU (no compile, no CUDA graphs) with a one-line notice, and
   learns, as the default path does;
+- --fast's compiled path, with an eager backend in place of CUDA graphs, compiles one graph
+  per mode and batch shape, in the first epoch only;
 - bug.py learns nothing: not one parameter changes."""
 import json
 from types import SimpleNamespace
@@ -178,9 +180,8 @@ def test_fast_counts_only_each_shapes_first_calls_as_warm_up(monkeypatch):
     a new CUDA-graph step."""
     engine = training.Engine(SimpleNamespace(device=torch.device("cpu"), fast=False),
                              torch.nn.Identity())
-    engine.compiled = True  # what --fast on CUDA sets; the CUDA calls are stubbed below
+    engine.compiled = True  # what --fast on CUDA sets; the CUDA-graph call is stubbed below
     marks = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     full, partial = torch.zeros(4, 3, 8, 8), torch.zeros(2, 3, 8, 8)
     calls = [(True, full)] * 5 + [(True, partial)] + [(False, full)] * 4
@@ -192,3 +193,45 @@ def test_fast_counts_only_each_shapes_first_calls_as_warm_up(monkeypatch):
     assert sum(engine.calls.values()) == len(calls)
     assert engine.calls[(True, tuple(full.shape))] == 5
     assert engine.warmup_seconds > 0
+
+
+def test_the_compiled_path_compiles_each_mode_and_shape_once(build, tmp_path, monkeypatch,
+                                                              capsys):
+    """--fast's compiled path run for real on the CPU, with torch.compile's CUDA-graph mode
+    swapped for the aot_eager backend (the same dynamo graphs and guards, the same autograd,
+    no inductor, no CUDA graphs): one graph per mode and batch shape (training and test,
+    full and last partial batch), all compiled in the first epoch and none in later ones,
+    and the checkpoint keeps the bare EfficientNet's keys."""
+    monkeypatch.setattr(training, "COMPILE", dict(backend="aot_eager", dynamic=False))
+    monkeypatch.setattr(training, "COMPILE_ON", ("cuda", "cpu"))
+    built = build("fixed.py", *SMALL, "--image-size", "32", "--fast", "--epochs", "3",
+                  "--output-dir", tmp_path)
+    for view in (built.train_set, built.test_set):  # at batch 4: a full and a partial batch
+        view.images = torch.utils.data.Subset(view.images, range(BATCH + 2))
+    graphs = torch._dynamo.utils.counters["stats"]
+    compiled_before_epoch = []
+    seed_epoch = training.seed_epoch  # called as each epoch starts
+
+    def count_then_seed(seed, epoch):
+        compiled_before_epoch.append(graphs["unique_graphs"])
+        seed_epoch(seed, epoch)
+
+    monkeypatch.setattr(training, "seed_epoch", count_then_seed)
+    torch._dynamo.reset()
+    start = graphs["unique_graphs"]
+    try:
+        training.run(built.args, built.model, built.criterion, built.optimizer,
+                     built.train_set, built.test_set)
+        compiled = [n - start for n in compiled_before_epoch + [graphs["unique_graphs"]]]
+    finally:
+        torch._dynamo.reset()
+    assert FALLBACK not in capsys.readouterr().out
+    assert compiled == [0, 4, 4, 4]  # before epochs 1, 2, 3 and at the end
+
+    results = json.loads((tmp_path / "fixed.json").read_text())
+    assert results["status"] == "finished" and results["config"]["fast"] is True
+    assert all("warmup_seconds" in entry for entry in results["epochs"])
+    assert results["epochs"][0]["warmup_seconds"] > 0
+    checkpoint = torch.load(tmp_path / "fixed.pth", map_location="cpu", weights_only=True)
+    bare = training.EfficientNet.from_name("efficientnet-b0").state_dict()
+    assert checkpoint["model"].keys() == bare.keys()
