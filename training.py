@@ -42,6 +42,9 @@ WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]  # efficientnet-b0-355c32eb.pth
 RECIPE_KEYS = ("script", "image_size", "batch_size", "lr", "optimizer", "pretrained", "dummy",
                "fast", "seed", "limit_train_batches", "limit_eval_batches")
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Adam moves each weight by about lr a step: far beyond 1 a run only diverges (a one-line
+# NaN error), and from about 3e37 Adam's own step overflows float32 (a traceback).
+MAX_LR = 1000.0
 # --fast on CUDA: torch.compile with CUDA graphs (reduce-overhead), which removes the eager
 # step's kernel-launch overhead; static shapes: one graph per batch shape and mode.
 COMPILE = dict(mode="reduce-overhead", dynamic=False)
@@ -109,6 +112,8 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     args = parser.parse_args(argv)
     args.script = script
 
+    if args.lr > MAX_LR:
+        parser.error(f"--lr {args.lr:g}: must be at most {MAX_LR:g}")
     try:
         args.device = torch.device(args.device)
     except RuntimeError:

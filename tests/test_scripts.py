@@ -403,6 +403,7 @@ BAD_INPUT = [
     (["--weights", "{text}"], ["--weights", "notes.txt", "not a PyTorch state dict"]),
     (["--weights", "{linear}"], ["--weights", "linear.pth", "not an EfficientNet-b0"]),
     (["--data-dir", "{file}"], ["--data-dir", "a_file", "is a file"]),
+    (["--lr", "1e38"], ["--lr 1e+38", "at most 1000"]),
 ]
 
 
