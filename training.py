@@ -343,10 +343,13 @@ def cifar100(args):
         train_set = SyntheticCIFAR100(train=True, seed=args.seed)
         test_set = SyntheticCIFAR100(train=False, seed=args.seed)
     else:
+        new_folder = not args.data_dir.exists()
         try:
             train_set = datasets.CIFAR100(args.data_dir, train=True, download=True)
             test_set = datasets.CIFAR100(args.data_dir, train=False, download=True)
         except (OSError, RuntimeError) as error:  # URLError is an OSError
+            if new_folder and args.data_dir.is_dir() and not any(args.data_dir.iterdir()):
+                args.data_dir.rmdir()  # made by torchvision for the download that failed
             fail(f"CIFAR-100 is not in {args.data_dir}/ and could not be downloaded "
                  f"({error}). Download {CIFAR_ARCHIVE} from {CIFAR_URL} and put it in "
                  f"{args.data_dir}/ (it is unpacked on first use), pass --data-dir, "

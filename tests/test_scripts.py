@@ -448,15 +448,18 @@ def test_bad_input_reaches_the_user_as_one_line(tmp_path, weights_files, bad, fr
 
 # --------------------------------------------------------------------------- 8. missing resources
 
-def test_missing_cifar100_without_network(tmp_path):
-    data, out = tmp_path / "empty", tmp_path / "out"
-    data.mkdir()
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_missing_cifar100_without_network(tmp_path, folder):
+    data, out = tmp_path / folder, tmp_path / "out"
+    if folder == "empty":
+        data.mkdir()
     result = run_script("fixed.py", "--device", "cpu", "--data-dir", data, "--output-dir", out,
                         cwd=tmp_path, env=offline_env(TORCH_HOME=tmp_path / "home"), timeout=120)
     assert result.returncode == 1, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert_one_line_error(result.stderr, "fixed.py", training.CIFAR_ARCHIVE, data, "--dummy")
     assert not out.exists()
+    assert data.is_dir() == (folder == "empty")  # the user's folder kept, none left behind
 
 
 def test_missing_weights_without_network(tmp_path):
