@@ -671,8 +671,8 @@ def resume_command():
 
 def run(args, model, criterion, optimizer, train_set, test_set):
     """Train to --epochs, evaluating, saving the checkpoint and the results after every
-    epoch. Exits non-zero (130/143 on SIGINT/SIGTERM, 1 on a non-finite loss), keeping every
-    finished epoch."""
+    epoch. Exits non-zero (130/143 on SIGINT/SIGTERM, 1 on a non-finite loss or out of
+    memory), keeping every finished epoch; an unexpected error marks the results failed."""
     config = dict(
         script=args.script, image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
         optimizer=type(optimizer).__name__, epochs=args.epochs, seed=args.seed,
@@ -756,6 +756,9 @@ def run(args, model, criterion, optimizer, train_set, test_set):
             fail(f"out of GPU memory in epoch {len(history) + 1} ({config['device']}); "
                  f"{args.results_path} keeps the {len(history)} finished epoch(s). Try a smaller "
                  "--batch-size or --image-size (the bug's recipe needs about 11 GB: see README)")
+        except Exception:  # unexpected: recorded, then its traceback, which a bug report needs
+            save_results(args, config, history, "failed")
+            raise
     save_results(args, config, history, "finished")
     print(f"done: {args.results_path} and {args.checkpoint_path}")
 

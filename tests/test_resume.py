@@ -4,7 +4,8 @@ bug.py) as a user would, in a subprocess, on a tiny CPU run (conftest.TINY).
 What is checked: a resumed run ends bit-identical to an uninterrupted one; a SIGKILL at any
 moment (mid-write included) leaves only complete files, from which --resume finishes the
 run; SIGINT/SIGTERM stop cleanly with a working resume command; every refusal to resume is
-one line and touches nothing; a non-finite loss stops the run keeping its finished epochs.
+one line and touches nothing; a non-finite loss stops the run keeping its finished epochs,
+and so does an unexpected error.
 
 Each process spends ~3 s importing torch, so independent runs go two at a time (one thread
 each: OMP_NUM_THREADS=1 for every run here, so all runs share the same numerics)."""
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+import training
 from conftest import REPO, TINY, run_script
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -615,6 +617,30 @@ def test_non_finite_loss_stops_keeping_finished_epochs(tmp_path):
     assert checkpoint["epoch"] == failed_epoch - 1
     assert document["epochs"] == checkpoint["history"]
     assert temps(out) == []
+
+
+def test_unexpected_error_marks_the_run_failed_and_it_resumes(build, tmp_path):
+    """An exception nobody planned for (here, raised by the loss in epoch 2) still leaves
+    results that say "failed" rather than "running", keeps epoch 1, and goes up with its
+    traceback; --resume then finishes the run from epoch 1's checkpoint."""
+    out = tmp_path / "out"
+    built = build("fixed.py", *tiny(out, "--epochs", "3"))
+    criterion = built.criterion
+
+    def loss_that_breaks_in_epoch_2(output, labels):
+        if json.loads(built.args.results_path.read_text())["epochs"]:
+            raise RuntimeError("an unexpected failure")
+        return criterion(output, labels)
+
+    with pytest.raises(RuntimeError, match="an unexpected failure"):
+        training.run(built.args, built.model, loss_that_breaks_in_epoch_2, built.optimizer,
+                     built.train_set, built.test_set)
+    document, checkpoint = complete_files(out)
+    assert document["status"] == "failed"
+    assert [e["epoch"] for e in document["epochs"]] == [1] and checkpoint["epoch"] == 1
+
+    ok(run(*tiny(out, "--epochs", "3", "--resume")))
+    assert_finished(out, 3)
 
 
 # --------------------------------------------------------------------------- 6. nothing left to do
