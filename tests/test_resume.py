@@ -1,5 +1,6 @@
-"""Resuming, interrupting and crashing a run, end to end: every test starts fixed.py (or
-bug.py) as a user would, in a subprocess, on a tiny CPU run (conftest.TINY).
+"""Resuming, interrupting and crashing a run, end to end: the tests start fixed.py (or
+bug.py) as a user would, in a subprocess, on a tiny CPU run (conftest.TINY); only the
+unexpected error is injected in-process, where the loss function can be replaced.
 
 What is checked: a resumed run ends bit-identical to an uninterrupted one; a SIGKILL at any
 moment (mid-write included) leaves only complete files, from which --resume finishes the
