@@ -68,7 +68,7 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     recipe.add_argument("--batch-size", type=positive(int), default=batch_size, metavar="N",
                         help="images per step, train and test (default: %(default)s)")
     recipe.add_argument("--lr", type=positive(float), default=lr,
-                        help="Adam's learning rate (default: %(default)s)")
+                        help=f"Adam's learning rate, at most {MAX_LR:g} (default: %(default)s)")
     recipe.add_argument("--image-size", type=positive(int), default=image_size, metavar="SIZE",
                         help="images are resized to SIZE x SIZE (default: %(default)s)")
     recipe.add_argument("--seed", type=non_negative(int), default=0,
