@@ -8,6 +8,7 @@ are theirs, used as given.
 """
 import argparse
 import collections
+import importlib.util
 import json
 import math
 import os
@@ -552,7 +553,8 @@ class Engine:
         self.device = args.device
         self.fast = args.fast
         self.cuda = args.device.type == "cuda"
-        self.compiled = self.fast and self.device.type in COMPILE_ON
+        cannot_compile = compile_problem(self.device) if self.fast else None
+        self.compiled = self.fast and cannot_compile is None
         self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
         self.calls = collections.Counter()  # by (training, batch shape)
         self.warmup_seconds, self.warmup_images = 0.0, 0
@@ -563,8 +565,10 @@ class Engine:
             # per batch shape and mode (train, eval, last partial batches), compiled once.
             model.module.compile(**COMPILE)
         elif self.fast:
-            print("--fast: torch.compile with CUDA graphs needs CUDA; on the CPU only bf16 "
-                  "autocast and channels_last apply", flush=True)
+            kept = ("bf16 autocast, channels_last and fused Adam" if self.cuda
+                    else "bf16 autocast and channels_last")
+            print(f"--fast: {cannot_compile}; without torch.compile, only {kept} apply",
+                  flush=True)
 
     def to_device(self, view, images, labels):
         return (view.on_device(images, self.device, self.memory_format),
@@ -597,6 +601,22 @@ class Engine:
         self.warmup_seconds += time.perf_counter() - start
         self.warmup_images += images.shape[0] if training else 0
         return result
+
+
+def compile_problem(device):
+    """Why --fast cannot compile for `device` (the notice's words), or None."""
+    if device.type not in COMPILE_ON:
+        return f"torch.compile with CUDA graphs needs CUDA, not {device.type}"
+    if device.type == "cuda":
+        # Inductor generates Triton kernels: without Triton (e.g. on Windows) or on a GPU
+        # Triton does not support, compiling would fail in the first step, mid-run.
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile needs Triton, which is not installed"
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (7, 0):
+            return (f"torch.compile needs a GPU of compute capability 7.0 or newer for "
+                    f"Triton; {describe_device(device)} is {major}.{minor}")
+    return None
 
 
 def train_step(model, criterion, optimizer, engine, images, labels):
