@@ -718,21 +718,25 @@ def run(args, model, criterion, optimizer, train_set, test_set):
     for path in (args.results_path, args.checkpoint_path):
         temp_path(path).unlink(missing_ok=True)  # left by a killed run
     if not args.resume:
-        save_checkpoint(args, model, optimizer, config, history)  # epoch 0: resumable at once
+        # --overwrite: the old JSON goes first, so that it never sits beside the new run's
+        # checkpoint; then an epoch-0 checkpoint makes the run resumable at once.
+        args.results_path.unlink(missing_ok=True)
+        save_checkpoint(args, model, optimizer, config, history)
     if len(history) >= args.epochs:
+        config["epochs"] = len(history)  # what it holds, not the lower --epochs asked for
         save_results(args, config, history, "finished")
         print(f"{args.checkpoint_path} already holds {len(history)} epochs; "
               "raise --epochs to go on")
         return
     save_results(args, config, history, "running")
 
-    engine = Engine(args, model)
-    train_loader = make_loader(train_set, args, train=True)
-    test_loader = make_loader(test_set, args, train=False)
-    if engine.cuda:
-        torch.backends.cudnn.benchmark = True
     with StopFlag() as stop:
         try:
+            engine = Engine(args, model)
+            train_loader = make_loader(train_set, args, train=True)
+            test_loader = make_loader(test_set, args, train=False)
+            if engine.cuda:
+                torch.backends.cudnn.benchmark = True
             for epoch in range(len(history) + 1, args.epochs + 1):
                 seed_epoch(args.seed, epoch)
                 if engine.cuda:
@@ -770,12 +774,14 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         except NonFiniteLoss as where:
             save_results(args, config, history, "failed")
             fail(f"the loss became NaN or infinite ({where}); {args.results_path} keeps the "
-                 f"{len(history)} finished epoch(s). Try a lower --lr")
+                 f"{len(history)} finished epoch(s). Try a lower --lr, as a new run "
+                 "(--overwrite, or another --run-name)")
         except torch.OutOfMemoryError:
             save_results(args, config, history, "failed")
             fail(f"out of GPU memory in epoch {len(history) + 1} ({config['device']}); "
-                 f"{args.results_path} keeps the {len(history)} finished epoch(s). Try a smaller "
-                 "--batch-size or --image-size (the bug's recipe needs about 11 GB: see README)")
+                 f"{args.results_path} keeps the {len(history)} finished epoch(s). A smaller "
+                 "--batch-size or --image-size needs less, as a new run (--overwrite, or another "
+                 "--run-name); bug.py's recipe takes about 11 GB, fixed.py's about 7 GB")
         except Exception:  # unexpected: recorded, then its traceback, which a bug report needs
             save_results(args, config, history, "failed")
             raise

@@ -659,13 +659,29 @@ def test_resume_of_a_finished_run_rebuilds_the_results(tmp_path, uninterrupted):
 
 
 def test_resume_with_nothing_to_do_leaves_no_temp_file(tmp_path, uninterrupted):
-    """A kill during epoch 3's checkpoint write leaves .fixed.pth.tmp next to the epoch-2
-    checkpoint; resuming that with --epochs 2 (there is nothing to train) must not leave the
-    stale 50 MB temp file behind either."""
+    """A kill during a checkpoint write leaves .fixed.pth.tmp behind; resuming a run that
+    holds 3 epochs with --epochs 2 (there is nothing to train) must not leave the stale
+    temp file either, and the results say 3 epochs of 3, not of 2."""
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(uninterrupted.dir / "fixed.pth", out / "fixed.pth")
     (out / ".fixed.pth.tmp").write_bytes(b"\0" * 1000)  # what an interrupted write leaves
-    proc = ok(run(*tiny(out, *FAULT_ARGS, "--resume")))
+    proc = ok(run(*tiny(out, "--epochs", "2", "--resume")))
     assert "already holds 3 epochs" in proc.stdout
     assert temps(out) == []
+    document, _ = assert_finished(out, 3)
+    assert document["config"]["epochs"] == 3
+
+
+def test_overwrite_never_leaves_the_old_json_beside_the_new_checkpoint(tmp_path, uninterrupted):
+    """--overwrite of a finished run, killed right after its epoch-0 checkpoint replaced
+    the old one: the old run's JSON (3 epochs) must be gone, not left beside a checkpoint of
+    another run."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted.dir, out)
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = kill_at_write("after", 1)(tiny(out, *FAULT_ARGS, "--overwrite"), log)
+        proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    document, checkpoint = complete_files(out)
+    assert (document, checkpoint["epoch"]) == (None, 0)
