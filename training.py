@@ -30,6 +30,7 @@ from efficientnet_pytorch.utils import url_map as efficientnet_url_map
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 from tqdm import tqdm
 
 NUM_CLASSES = 100
@@ -351,6 +352,11 @@ def cifar100(args):
         except (OSError, RuntimeError) as error:  # URLError is an OSError
             if new_folder and args.data_dir.is_dir() and not any(args.data_dir.iterdir()):
                 args.data_dir.rmdir()  # made by torchvision for the download that failed
+            archive = args.data_dir / CIFAR_ARCHIVE
+            if archive.is_file() and not check_integrity(archive, datasets.CIFAR100.tgz_md5):
+                fail(f"{archive} is incomplete or corrupt (its MD5 checksum does not match) "
+                     f"and could not be downloaded again ({error}). Replace it with a fresh "
+                     f"download from {CIFAR_URL}, or use --dummy")
             fail(f"CIFAR-100 is not in {args.data_dir}/ and could not be downloaded "
                  f"({error}). Download {CIFAR_ARCHIVE} from {CIFAR_URL} and put it in "
                  f"{args.data_dir}/ (it is unpacked on first use), pass --data-dir, "

@@ -448,18 +448,23 @@ def test_bad_input_reaches_the_user_as_one_line(tmp_path, weights_files, bad, fr
 
 # --------------------------------------------------------------------------- 8. missing resources
 
-@pytest.mark.parametrize("folder", ["empty", "missing"])
+@pytest.mark.parametrize("folder", ["empty", "missing", "truncated"])
 def test_missing_cifar100_without_network(tmp_path, folder):
+    """No CIFAR-100 and no network: one line that says what to download and where. A
+    truncated archive (what an interrupted download leaves) is named as such."""
     data, out = tmp_path / folder, tmp_path / "out"
-    if folder == "empty":
+    if folder != "missing":
         data.mkdir()
+    if folder == "truncated":
+        (data / training.CIFAR_ARCHIVE).write_bytes(b"\x1f\x8b" + bytes(1000))
     result = run_script("fixed.py", "--device", "cpu", "--data-dir", data, "--output-dir", out,
                         cwd=tmp_path, env=offline_env(TORCH_HOME=tmp_path / "home"), timeout=120)
     assert result.returncode == 1, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert_one_line_error(result.stderr, "fixed.py", training.CIFAR_ARCHIVE, data, "--dummy")
+    assert ("incomplete or corrupt" in result.stderr) == (folder == "truncated")
     assert not out.exists()
-    assert data.is_dir() == (folder == "empty")  # the user's folder kept, none left behind
+    assert data.is_dir() == (folder != "missing")  # the user's folder kept, none left behind
 
 
 def test_missing_weights_without_network(tmp_path):
