@@ -74,8 +74,9 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     recipe.add_argument("--image-size", type=positive(int), default=image_size, metavar="SIZE",
                         help="images are resized to SIZE x SIZE (default: %(default)s)")
     recipe.add_argument("--seed", type=non_negative(int), default=0,
-                        help="decides the new head's initial weights, shuffling, augmentation "
-                             "and dropout (default: %(default)s)")
+                        help="decides the new head's initial weights (with --no-pretrained, "
+                             "all weights), shuffling, augmentation, dropout, and --dummy's "
+                             "images (default: %(default)s)")
     data = parser.add_argument_group("data and weights")
     data.add_argument("--data-dir", type=Path, default=Path("data"), metavar="DIR",
                       help=f"where CIFAR-100 is, or is downloaded to ({CIFAR_ARCHIVE}) "
@@ -110,7 +111,7 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results of an earlier run of the same name")
     out.add_argument("--resume", action="store_true",
-                     help="continue the run in DIR from its checkpoint, up to --epochs")
+                     help="continue the run DIR/NAME from its checkpoint, up to --epochs")
     args = parser.parse_args(argv)
     args.script = script
 

@@ -558,11 +558,11 @@ REFUSALS = {
     # error must name each. --weights in place of --no-pretrained: "pretrained" differs.
     "recipe": (keep, "fixed.py", [*RESUME, "--lr", "0.001", "--batch-size", "8", "--image-size", "64",
                                   "--seed", "1", "--limit-train-batches", "3",
-                                  "--limit-eval-batches", "2", "--weights", WEIGHTS], 1,
+                                  "--limit-eval-batches", "2", "--fast", "--weights", WEIGHTS], 1,
                ["another recipe", "lr 0.005 there, 0.001 here", "batch_size 4 there, 8 here",
                 "image_size 32 there, 64 here", "seed 0 there, 1 here",
                 "limit_train_batches 2 there, 3 here", "limit_eval_batches 1 there, 2 here",
-                "pretrained 'none' there, 'imagenet' here"]),
+                "fast False there, True here", "pretrained 'none' there, 'imagenet' here"]),
     # bug.py resuming fixed.py's checkpoint, at fixed.py's lr so that only the script differs
     "script": (keep, "bug.py", [*RESUME, "--run-name", "fixed", "--lr", "0.005"], 1,
                ["another recipe", "script"]),

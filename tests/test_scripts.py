@@ -404,6 +404,12 @@ BAD_INPUT = [
     (["--weights", "{linear}"], ["--weights", "linear.pth", "not an EfficientNet-b0"]),
     (["--data-dir", "{file}"], ["--data-dir", "a_file", "is a file"]),
     (["--lr", "1e38"], ["--lr 1e+38", "at most 1000"]),
+    (["--image-size", "0"], ["--image-size", "positive"]),
+    (["--seed", "-1"], ["--seed", "0 or more"]),
+    (["--run-name", "a/b"], ["--run-name 'a/b'", "plain file name"]),
+    (["--run-name", ".hidden"], ["--run-name '.hidden'", "plain file name"]),
+    (["--output-dir", "{file}"], ["--output-dir", "a_file", "is a file"]),
+    (["--weights", "{missing}", "--no-pretrained"], ["--weights and --no-pretrained"]),
 ]
 
 
