@@ -18,10 +18,14 @@ torch.compile and CUDA-graph capture, reported apart) and an estimated epoch: 50
 and memory do not depend on their values.
 
   python bench.py                            all four rows; each --fast row compiles a train
-                                             and an eval graph: 1.5-2 min each on an H100
-  python bench.py --only bug:default,fixed   three rows, about 2.5 min on an H100
+                                             and an eval graph
+  python bench.py --only bug:default,fixed   three rows, without the bug's 1024 px compile
   python bench.py --only bug:fast            the fourth
   python bench.py --device cpu --tiny        CPU smoke: 32 px, batch 4, 2 steps, seconds
+
+Times estimated, not measured with this file: from a reference benchmark on one H100 (step
+times below; 89 s to compile one --fast training graph), a default row takes ~15 s and a
+--fast row ~1.5-2 min.
 """
 import argparse
 import contextlib
@@ -46,13 +50,13 @@ MODES = {"default": [], "fast": ["--fast"]}
 # Measured (and shown) in this order: the rows without a compile first, then the fix's --fast
 # row, the one the README needs most; the bug's 1024 px graphs compile last.
 ROWS = [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
-DEFAULT_JSON = Path("results/bench.json")
+DEFAULT_JSON = Path("results") / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"  # never an old one
 GOAL = 0.90  # end-to-end images/s over model-only images/s
 
 WARMUP_STEPS = 10  # untimed steps before each timed loop: compile, cuDNN autotuning, workers
-# Timed steps per loop. A bug step is ~50 ms on an H100 (1024 px, batch 4), a fixed one ~55 ms
-# eager and ~14 ms with --fast (224 px, batch 64): each default row takes ~15 s, each --fast
-# row ~1.5-2 min, nearly all of it compiling the train and the eval graphs.
+# Timed steps per loop. On the reference H100 (not this file) a bug step took ~50 ms (1024 px,
+# batch 4), a fixed one ~55 ms eager and ~14 ms with --fast (224 px, batch 64): so each default
+# row should take ~15 s, each --fast row ~1.5-2 min, nearly all of it compiling.
 TIMED_STEPS = {
     "bug": dict(model_train=30, model_eval=30, train=60, eval=30),
     "fixed": dict(model_train=30, model_eval=30, train=120, eval=30),
@@ -68,8 +72,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
     parser.add_argument("--workers", type=int,
-                        help="data loading processes (default: the scripts' default, one per "
-                             "CPU available up to 16; 0 with --tiny)")
+                        help="data loading processes (default: the scripts' default, one less "
+                             "than the CPUs available, at most 16; 0 with --tiny)")
     parser.add_argument("--only", metavar="ROWS", default=",".join(f"{r}:{m}" for r, m in ROWS),
                         help="comma-separated rows to measure: RECIPE:MODE, or a bare recipe "
                              "(bug, fixed) or mode (default, fast) for all its rows "
@@ -81,8 +85,17 @@ def parse_args(argv=None):
                         help=f"smoke sizes: {' '.join(TINY_FLAGS)}, {TINY_WARMUP} warm-up and "
                              f"{TINY_STEPS} timed steps, workers 0")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                        help=f"where the results go (default: {DEFAULT_JSON})")
+                        help="where the results go (default: results/bench-DATE-TIME.json)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the --json file of an earlier benchmark")
     options = parser.parse_args(argv)
+    try:
+        options.device = resolve_device(options.device)
+    except ValueError as error:
+        parser.error(f"--device {options.device}: {error}")
+    if options.json.exists() and not options.overwrite:
+        parser.error(f"--json {options.json}: holds an earlier benchmark: pass --overwrite to "
+                     "replace it, or another --json")
     try:
         options.rows = select_rows(options.only)
     except ValueError as error:
@@ -332,10 +345,12 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"bench.py: error: --device {name}: unknown device")
+        raise ValueError("unknown device; use cuda, cuda:N or cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError("unsupported; use cuda, cuda:N or cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("bench.py: error: CUDA is not available here: use --device cpu --tiny")
+            raise ValueError("CUDA is not available here: use --device cpu --tiny")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -343,7 +358,6 @@ def resolve_device(name):
 
 def main(argv=None):
     options = parse_args(argv)
-    options.device = resolve_device(options.device)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     document = dict(
         device=training.describe_device(options.device), torch=str(torch.__version__),

@@ -1,7 +1,9 @@
-"""bench.py's CPU smoke: all four rows at tiny size, the table printed last, the JSON."""
+"""bench.py's CPU smoke: all four rows at tiny size, the table printed last, the JSON;
+and its refusals."""
 import json
 import math
 
+import pytest
 import torch
 
 from conftest import run_script
@@ -41,3 +43,21 @@ def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
         == [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
     header = "\n".join(lines[:-6])
     assert "bench.py on cpu" in header and str(torch.__version__) in header
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--device", "tpu"], ["--device tpu", "unknown device"]),
+    (["--device", "cuda"], ["--device cuda", "CUDA is not available", "--device cpu --tiny"]),
+    (["--device", "cpu", "--json", "earlier.json"], ["--json earlier.json", "earlier benchmark",
+                                                     "--overwrite"]),
+], ids=["unknown-device", "no-cuda", "earlier-json"])
+def test_refusals_are_one_line_exit_2_and_touch_nothing(tmp_path, argv, words):
+    if argv[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("{}")
+    done = run_script("bench.py", *argv, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    error = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and all(word in error[0] for word in words), done.stderr
+    assert earlier.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json"]
