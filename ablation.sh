@@ -4,7 +4,8 @@
 #   unfreeze-only  nothing frozen, same 1024 px / batch 4 / lr 0.01
 #   unfreeze-224px nothing frozen, 224 px, batch 4 / lr 0.01
 #   fixed          nothing frozen, 224 px, batch 64, lr 0.005
-# Every argument goes to every training run, e.g. a quick CPU smoke test:
+# Every argument goes to every training run (but those a rung sets itself: --run-name,
+# --image-size, --batch-size, --lr), e.g. a quick CPU smoke test:
 #   ./ablation.sh --dummy --device cpu --no-pretrained --epochs 2 \
 #       --limit-train-batches 2 --limit-eval-batches 1
 # Results land in --output-dir (default results, relative to the current directory, as
@@ -22,14 +23,16 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[i]}" in
         --output-dir)
             if ((i + 1 >= ${#args[@]})); then
-                echo "ablation.sh: --output-dir needs a value" >&2
+                echo "ablation.sh: error: --output-dir needs a value" >&2
                 exit 2
             fi
             output_dir="${args[i + 1]}" ;;
         --output-dir=*) output_dir="${args[i]#--output-dir=}" ;;
-        # each rung sets its own name; a shared one would make the rungs overwrite each other
-        --run-name | --run-name=*)
-            echo "ablation.sh: --run-name is set per rung; leave it out" >&2
+        # Each rung sets its own name and recipe: a flag given here would come last on every
+        # rung's command line, win, and collapse the ladder.
+        --run-name | --run-name=* | --image-size | --image-size=* | --batch-size | \
+            --batch-size=* | --lr | --lr=*)
+            echo "ablation.sh: error: ${args[i]%%=*} is set per rung; leave it out" >&2
             exit 2 ;;
     esac
 done

@@ -1,0 +1,58 @@
+"""ablation.sh: the ladder's five commands, in order, each rung with its own recipe, run by
+a stand-in interpreter (PYTHON) that only records its command line; then each recorded
+training command is built for real (training.build) to check what it would train."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import training
+from conftest import REPO
+
+FLAGS = ["--dummy", "--device", "cpu", "--no-pretrained", "--epochs", "2"]
+# rung: (image size, batch size, lr, parameters the optimizer updates)
+LADDER = {
+    "bug": (1024, 4, 0.01, 0),
+    "unfreeze-only": (1024, 4, 0.01, 4_135_648),
+    "unfreeze-224px": (224, 4, 0.01, 4_135_648),
+    "fixed": (224, 64, 0.005, 4_135_648),
+}
+
+
+def ablation(tmp_path, *argv):
+    """Run ablation.sh with a PYTHON that records each command line; returns
+    (CompletedProcess, [argv of each command])."""
+    log = tmp_path / "commands.log"
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" >> "$LOG"\nprintf "\\n" >> "$LOG"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), LOG=str(log))
+    done = subprocess.run([str(REPO / "ablation.sh"), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    lines = log.read_text().splitlines() if log.exists() else []
+    return done, [line.rstrip("\0").split("\0") for line in lines]
+
+
+def test_the_ladder_changes_one_thing_per_rung(tmp_path, build):
+    done, commands = ablation(tmp_path, *FLAGS, "--output-dir", "out")
+    assert done.returncode == 0, done.stderr
+    *runs, compare = commands
+    assert [Path(c[0]).name for c in runs] == ["bug.py", "fixed.py", "fixed.py", "fixed.py"]
+    for command, (rung, (size, batch, lr, updated)) in zip(runs, LADDER.items()):
+        assert command[-len(FLAGS) - 2:] == [*FLAGS, "--output-dir", "out"]  # the user's flags
+        built = build(command[0], *command[1:])
+        assert built.args.run_name == rung
+        assert (built.args.image_size, built.args.batch_size, built.args.lr) == (size, batch, lr)
+        assert training.count_params(built.model, built.optimizer)["updated_params"] == updated
+    assert Path(compare[0]).name == "compare.py"
+    assert compare[1:] == [f"out/{rung}.json" for rung in LADDER] + ["--plot", "out/ablation.png"]
+
+
+@pytest.mark.parametrize("flag", ["--run-name", "--image-size", "--batch-size", "--lr"])
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_a_rungs_own_setting_is_refused(tmp_path, flag, form):
+    argv = [flag, "8"] if form == "separate" else [f"{flag}=8"]
+    done, commands = ablation(tmp_path, *FLAGS, *argv)
+    assert done.returncode == 2 and commands == []
+    assert done.stderr.strip() == f"ablation.sh: error: {flag} is set per rung; leave it out"
