@@ -1,7 +1,7 @@
 """Compare training runs side by side from their results JSON files (results/<run>.json,
 written by bug.py and fixed.py after every epoch): one table of recipe, progress, accuracy,
 loss, speed and memory per run, then each run's ratios against the first run. Partial,
-CPU and --dummy runs are fine; --epochs adds the per-epoch history, --plot draws a figure."""
+CPU and --dummy runs are fine, as are runs with no finished epoch yet; --epochs adds the per-epoch history, --plot draws a figure."""
 import argparse
 import json
 import math
@@ -19,6 +19,7 @@ EPOCH_FIELDS = {"epoch": int, "train_loss": NUMBER, "test_loss": NUMBER, "test_a
                 "peak_gpu_memory_gib": NUMBER + (type(None),)}
 _KIND_NAMES = {int: "an integer", NUMBER: "a number", NUMBER + (type(None),): "a number or null",
                str: "a string", dict: "an object", list: "a list"}
+NO_EPOCH = "no epoch yet"
 DUMMY_NOTE = "* dummy run: synthetic data, accuracy only says whether the model can learn at all"
 
 
@@ -51,8 +52,6 @@ def load_run(path) -> dict:
         raise RunFileError(f"{path}: not a results file: top level is not an object")
     _check_fields(run, TOP_FIELDS, "the top level", path)
     _check_fields(run["config"], CONFIG_FIELDS, "config", path)
-    if not run["epochs"]:
-        raise RunFileError(f"{path}: no epochs recorded yet (status {run['status']!r})")
     for index, entry in enumerate(run["epochs"]):
         if not isinstance(entry, dict):
             raise RunFileError(f"{path}: not a results file: epochs[{index}] is not an object")
@@ -65,9 +64,10 @@ def _count(n):
 
 
 def summarize(run) -> dict:
-    """Every number the table and the plot show, computed once per run."""
+    """Every number the table and the plot show, computed once per run; None where the run
+    has no finished epoch yet."""
     config, epochs = run["config"], sorted(run["epochs"], key=lambda e: e["epoch"])
-    final, done = epochs[-1], len(epochs)
+    final, done = (epochs[-1] if epochs else {}), len(epochs)
     recipe = (f"{config['image_size']}px bs{config['batch_size']} lr{config['lr']:g} "
               f"{_count(config['trainable_params'])}/{_count(config['total_params'])}")
     updated = config.get("updated_params")
@@ -86,14 +86,23 @@ def summarize(run) -> dict:
         "dummy": bool(config.get("dummy")),
         "device": str(config.get("device", "?")),
         "recipe": recipe, "progress": progress,
-        "final_acc": final["test_acc"], "best_acc": max(e["test_acc"] for e in epochs),
-        "final_test_loss": final["test_loss"], "final_train_loss": final["train_loss"],
+        "final_acc": final.get("test_acc"),
+        "best_acc": max((e["test_acc"] for e in epochs), default=None),
+        "final_test_loss": final.get("test_loss"), "final_train_loss": final.get("train_loss"),
         # medians: epoch 1 carries cudnn autotuning / compile warm-up and would skew a mean
-        "seconds_per_epoch": statistics.median(e["epoch_seconds"] for e in epochs),
-        "images_per_second": statistics.median(e["train_images_per_second"] for e in epochs),
+        "seconds_per_epoch": _median([e["epoch_seconds"] for e in epochs]),
+        "images_per_second": _median([e["train_images_per_second"] for e in epochs]),
         "peak_memory_gib": max(memories) if memories else None,
         "history": {e["epoch"]: (e["test_acc"], e["train_loss"], e["test_loss"]) for e in epochs},
     }
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def _cell(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 def _ratio(value):
@@ -109,7 +118,8 @@ def ratios(baseline, other) -> dict:
     return {"img/s": _ratio(divide(other["images_per_second"], baseline["images_per_second"])),
             "s/epoch": _ratio(divide(other["seconds_per_epoch"], baseline["seconds_per_epoch"])),
             "peak GiB": _ratio(divide(other["peak_memory_gib"], baseline["peak_memory_gib"])),
-            "final acc": f"{other['final_acc'] - baseline['final_acc']:+.1f} pts"}
+            "final acc": "-" if None in (other["final_acc"], baseline["final_acc"])
+            else f"{other['final_acc'] - baseline['final_acc']:+.1f} pts"}
 
 
 def _render(headers, rows, left=1):
@@ -142,10 +152,10 @@ def format_table(summaries, per_epoch=False) -> str:
     """The run table, the ratios against the first run, optionally the epochs, the notes."""
     headers = ["run", "recipe (trainable/total params)", "epochs", "final acc %",
                "best acc %", "test loss", "train loss", "s/epoch", "img/s", "peak GiB"]
-    rows = [[s["name"], s["recipe"], s["progress"], f"{s['final_acc']:.2f}", f"{s['best_acc']:.2f}",
-             f"{s['final_test_loss']:.3f}", f"{s['final_train_loss']:.3f}",
-             f"{s['seconds_per_epoch']:.1f}", f"{s['images_per_second']:.1f}",
-             "-" if s["peak_memory_gib"] is None else f"{s['peak_memory_gib']:.2f}"]
+    rows = [[s["name"], s["recipe"], s["progress"], _cell(s["final_acc"], ".2f"),
+             _cell(s["best_acc"], ".2f"), _cell(s["final_test_loss"], ".3f"),
+             _cell(s["final_train_loss"], ".3f"), _cell(s["seconds_per_epoch"], ".1f"),
+             _cell(s["images_per_second"], ".1f"), _cell(s["peak_memory_gib"], ".2f")]
             for s in summaries]
     parts = [_render(headers, rows, left=3)]
     if len(summaries) > 1:
@@ -174,6 +184,8 @@ def plot(summaries, path):
     labels = [s["name"] + (" (dummy data)" if s["dummy"] else "") for s in summaries]
     for summary, colour, label in zip(summaries, colours, labels):
         epochs = sorted(summary["history"])
+        if not epochs:  # no finished epoch yet: a bar labelled so, no line
+            continue
         acc, train_loss, test_loss = zip(*(summary["history"][e] for e in epochs))
         losses.plot(epochs, train_loss, "-o", color=colour, markersize=3)
         losses.plot(epochs, test_loss, "--s", color=colour, markersize=3)
@@ -182,20 +194,23 @@ def plot(summaries, path):
     losses.legend(handles=[Line2D([], [], color="k", ls="-", label="train"),
                            Line2D([], [], color="k", ls="--", label="test")], fontsize=8)
     accuracy.set(title="test accuracy per epoch", xlabel="epoch", ylabel="%")
-    accuracy.legend(fontsize=8)
+    if accuracy.get_lines():
+        accuracy.legend(fontsize=8)
     for axes in (losses, accuracy):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
 
     names = [s["name"] for s in summaries]
     slots = range(len(names))  # positions, not names: two files may share a run_name
-    bars = speed.bar(slots, [s["seconds_per_epoch"] for s in summaries], color=colours)
-    speed.bar_label(bars, fmt="%.1f", fontsize=8)
+    bars = speed.bar(slots, [s["seconds_per_epoch"] or 0 for s in summaries], color=colours)
+    speed.bar_label(bars, labels=[NO_EPOCH if s["seconds_per_epoch"] is None
+                                  else f"{s['seconds_per_epoch']:.1f}" for s in summaries],
+                    fontsize=8)
     speed.set(title="median seconds per epoch", ylabel="s")
     gib = [s["peak_memory_gib"] for s in summaries]
     bars = memory.bar(slots, [0 if g is None else g for g in gib], color=colours)
-    memory.bar_label(bars, labels=["n/a (CPU)" if g is None else f"{g:.2f}" for g in gib],
-                     fontsize=8)
+    memory.bar_label(bars, labels=[NO_EPOCH if not s["history"] else "n/a (CPU)" if g is None
+                                   else f"{g:.2f}" for s, g in zip(summaries, gib)], fontsize=8)
     memory.set(title="peak GPU memory", ylabel="GiB")
     if all(g is None for g in gib):
         memory.set_ylim(0, 1)  # no GPU run: an axis around zero would suggest numbers
