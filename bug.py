@@ -1,8 +1,8 @@
 """The bug: ImageNet-pretrained EfficientNet-b0 fine-tuned on CIFAR-100 as in the report.
 
-Nothing learns (accuracy stays at chance, the loss does not fall), each epoch takes hours
-and the GPU memory is huge. Four root causes, each marked ROOT CAUSE in this file;
-fixed.py fixes them.
+Nothing learns (accuracy stays at chance, the loss does not fall), an epoch took 1.5 hours
+on the report's A40 and about 11 GB of GPU memory. Four root causes, each marked ROOT CAUSE
+in this file; fixed.py fixes them.
 """
 import torch.nn as nn
 import torch.optim as optim

@@ -319,7 +319,8 @@ class EpochSampler(Sampler):
 
 
 def report_transforms(image_size):
-    """The report's train and test transforms, resizing to `image_size` (the bug's 1024,
+    """The report's training transforms, and the test transforms it does not show (the
+    same without the random flip and rotation), resizing to `image_size` (the bug's 1024,
     the fix's 224)."""
     train_transforms = transforms.Compose([
         transforms.Resize((image_size, image_size)),
