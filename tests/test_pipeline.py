@@ -204,6 +204,24 @@ def test_fast_on_a_gpu_it_cannot_compile_for_falls_back(monkeypatch, capsys, tri
                        "channels_last and fused Adam apply"]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "default"])
+def test_only_fast_calls_past_a_one_device_data_parallel(fast):
+    """--fast calls the module inside a one-device DataParallel directly (the same
+    computation, without its per-call device check of every tensor); the default path goes
+    through DataParallel, as the report's code does. Stand-in for cuda:0 on the CPU: a
+    wrapper that believes it is on cuda:0 refuses a CPU module when it is called."""
+    module = torch.nn.Linear(3, 2)
+    parallel = torch.nn.DataParallel(module)
+    parallel.device_ids, parallel.src_device_obj = [0], torch.device("cuda", 0)
+    engine = training.Engine(SimpleNamespace(device=torch.device("cpu"), fast=fast), parallel)
+    images = torch.ones(4, 3)
+    if fast:
+        assert torch.equal(engine.forward(parallel, images), module(images))
+    else:
+        with pytest.raises(RuntimeError, match="module must have its parameters"):
+            engine.forward(parallel, images)
+
+
 def test_fast_counts_only_each_shapes_first_calls_as_warm_up(monkeypatch):
     """The compiled path's bookkeeping, on the CPU: the first COMPILED_WARMUP_CALLS calls of
     each (mode, batch shape) are timed as warm-up, later ones are not, and every call marks
