@@ -7,15 +7,17 @@ script's own model, freezing, optimizer and transforms, then times:
   model only   one real batch already on the device, stepped with training.train_step
                and training.eval_step through training.Engine: the ceiling;
   end to end   training.train and training.validate on the real loaders (workers, pinned
-               memory, the script's transforms), clock started after a warm-up.
+               memory, the script's transforms), timed from a batch after the warm-up to
+               a later one, with the workers busy at both ends.
 
 and prints one table last (also written as JSON, atomically, after every row, so that a
 run cut short keeps its finished rows): images/s and ms/step of both, end-to-end over
 model-only (the goal: 90 % or more), eval images/s, peak GPU memory
-(torch.cuda.max_memory_allocated over the row), warm-up (the untimed steps: for --fast,
-torch.compile and CUDA-graph capture, reported apart) and an estimated epoch: 50,000 train
-+ 10,000 test images at the end-to-end rates, warm-up left out. Weights are random: speed
-and memory do not depend on their values.
+(torch.cuda.max_memory_allocated over the row, once cuDNN has picked its algorithms),
+warm-up (the untimed steps: for --fast, torch.compile and CUDA-graph capture, reported
+apart) and an estimated epoch: 50,000 train + 10,000 test images at the end-to-end rates,
+warm-up left out. The JSON also counts the graphs compiled and any run without CUDA graphs.
+Weights are random: speed and memory do not depend on their values.
 
   python bench.py                            all four rows; each --fast row compiles a train
                                              and an eval graph
@@ -184,6 +186,8 @@ def model_only(r, engine, warmup, steps):
 
     r.model.train()
     warmup_seconds = timed(device, train, warmup) * warmup
+    if device.type == "cuda":  # the steady state's peak, not that of cuDNN's autotuning
+        torch.cuda.reset_peak_memory_stats(device)
     train_seconds = timed(device, train, steps["model_train"])
     r.model.eval()
     warmup_seconds += timed(device, evaluate, warmup) * warmup
@@ -192,42 +196,59 @@ def model_only(r, engine, warmup, steps):
     return train_seconds, eval_seconds, warmup_seconds
 
 
-class BatchClock:
-    """The `stop` object of training.train / validate: it never stops the loop, and starts
-    the clock (after a sync) when batch `warmup + 1` arrives, so that worker start-up, the
-    batches they prefetched meanwhile and any compile stay out of the timed part."""
+class Enough(Exception):
+    pass
 
-    def __init__(self, device, warmup):
-        self.device, self.warmup = device, warmup
-        self.batches, self.start = 0, None
+
+class BatchClock:
+    """The `stop` object of training.train / validate. It starts the clock (after a sync)
+    when batch `warmup + 1` arrives, so that worker start-up, the batches they prefetched
+    meanwhile and any compile stay out of the timed part, and stops it (raising Enough) when
+    batch `warmup + steps + 1` arrives, while the workers are still busy: both ends in the
+    steady state, so the work the workers have in hand at the start, which the timed
+    batches did not wait for, is matched by the work in hand at the end."""
+
+    def __init__(self, device, warmup, steps):
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.batches, self.start, self.seconds = 0, None, None
 
     def check(self):
         self.batches += 1
         if self.batches == self.warmup + 1:
             sync(self.device)
             self.start = time.perf_counter()
+        elif self.batches == self.warmup + self.steps + 1:
+            sync(self.device)
+            self.seconds = time.perf_counter() - self.start
+            raise Enough()
 
     def seconds_per_batch(self):
-        sync(self.device)
-        return (time.perf_counter() - self.start) / (self.batches - self.warmup)
+        if self.seconds is None:  # the loader ran out first (a small data set)
+            sync(self.device)
+            self.seconds = time.perf_counter() - self.start
+            return self.seconds / (self.batches - self.warmup)
+        return self.seconds / self.steps
 
 
 def end_to_end(r, engine, train, warmup, steps):
     """Seconds per batch of training.train (train=True) or training.validate on the real
-    loader, limited to warmup + steps batches."""
+    loader: `steps` batches after `warmup`, with the workers kept busy past the last."""
     args = r.args
-    limit = warmup + steps
+    limit = warmup + steps + 1 + 2 * args.workers  # prefetch_factor 2 per worker
     if train:
         args.limit_train_batches = limit
     else:
         args.limit_eval_batches = limit
     view = r.train_set if train else r.test_set
     loader = training.make_loader(view, args, train)
-    clock = BatchClock(args.device, warmup)
-    if train:
-        training.train(r.model, loader, r.criterion, r.optimizer, engine, 1, clock)
-    else:
-        training.validate(r.model, loader, r.criterion, engine, 1, clock)
+    clock = BatchClock(args.device, warmup, steps)
+    try:
+        if train:
+            training.train(r.model, loader, r.criterion, r.optimizer, engine, 1, clock)
+        else:
+            training.validate(r.model, loader, r.criterion, engine, 1, clock)
+    except Enough:
+        pass
     seconds = clock.seconds_per_batch()
     del loader  # shuts its persistent workers down
     return seconds
@@ -245,8 +266,8 @@ def measure(recipe, mode, options):
     engine = training.Engine(args, r.model)
     if engine.cuda:
         torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
     training.seed_epoch(args.seed, 1)
+    graphs_before, skips_before = compile_counts()
 
     train_seconds, eval_seconds, warmup_seconds = model_only(r, engine, warmup, steps)
     # Drain what the workers prefetch at start-up (2 batches each) before the clock starts.
@@ -259,6 +280,7 @@ def measure(recipe, mode, options):
     peak = ((torch.cuda.max_memory_allocated(device) - leftover) / 2**30
             if engine.cuda else None)
     counts = training.count_params(r.model, r.optimizer)
+    graphs, skips = compile_counts()
     return dict(
         recipe=recipe, script=RECIPES[recipe], mode=mode, image_size=args.image_size,
         batch_size=batch, workers=args.workers, trainable_params=counts["trainable_params"],
@@ -272,10 +294,18 @@ def measure(recipe, mode, options):
         peak_gpu_memory_gib=peak,
         warmup_seconds=warmup_seconds,
         compile_seconds=engine.warmup_seconds if engine.compiled else None,
+        # --fast: 2 graphs (train, eval), all captured as CUDA graphs; more means recompiles
+        compiled_graphs=graphs - graphs_before, cudagraph_skips=skips - skips_before,
         epoch_seconds_estimate=training.TRAIN_IMAGES / e2e_train_rate
         + training.TEST_IMAGES / e2e_eval_rate,
         warmup_steps=dict(model=warmup, end_to_end=loader_warmup), timed_steps=steps,
         row_seconds=time.perf_counter() - started)
+
+
+def compile_counts():
+    """(graphs dynamo has compiled, graphs inductor ran without CUDA graphs) so far."""
+    counters = torch._dynamo.utils.counters
+    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
 
 
 def release(device):
@@ -371,7 +401,8 @@ def main(argv=None):
             print(f"{recipe} {mode}: {row['model_train_images_per_second']:,.1f} img/s model only, "
                   f"{row['end_to_end_train_images_per_second']:,.1f} end to end "
                   f"({row['end_to_end_over_model']:.0%}), warm-up {row['warmup_seconds']:.1f} s, "
-                  f"row {row['row_seconds']:.0f} s", flush=True)
+                  f"{row['compiled_graphs']} graph(s) compiled, {row['cudagraph_skips']} without "
+                  f"CUDA graphs, row {row['row_seconds']:.0f} s", flush=True)
         except Exception as error:  # a failed row (say, a compile error) must not lose the others
             traceback.print_exc()
             failed = True

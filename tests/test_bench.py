@@ -30,6 +30,10 @@ def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
                             "epoch_seconds_estimate", "end_to_end_over_model"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["recipe"], row["mode"], key)
         assert row["peak_gpu_memory_gib"] is None  # no GPU memory on the CPU
+        # on the CPU --fast does not compile; a graph here would be a stray torch.compile
+        assert (row["compiled_graphs"], row["cudagraph_skips"]) == (0, 0)
+        steps = row["timed_steps"]
+        assert row["end_to_end_ms_per_step"] > 0 and steps["train"] == steps["eval"] == 2
     # The scripts' own objects were measured: bug.py trains only BatchNorm's affine parameters.
     trainable = {row["recipe"]: row["trainable_params"] for row in rows}
     assert trainable == {"bug": 42_016, "fixed": 4_135_648}
@@ -61,3 +65,20 @@ def test_refusals_are_one_line_exit_2_and_touch_nothing(tmp_path, argv, words):
     error = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and all(word in error[0] for word in words), done.stderr
     assert earlier.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json"]
+
+
+def test_the_clock_times_the_steps_between_two_busy_moments(monkeypatch):
+    """End to end, the clock starts when batch warmup+1 arrives and stops when batch
+    warmup+steps+1 arrives (the loop is cut there, the workers still busy): `steps` batches
+    timed, none of the warm-up, none of the loader's wind-down."""
+    import bench
+    now = iter(range(100))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(now)))
+    clock = bench.BatchClock(torch.device("cpu"), warmup=2, steps=3)
+    arrived = 0
+    with pytest.raises(bench.Enough):
+        for _ in range(10):
+            arrived += 1
+            clock.check()
+    assert arrived == 2 + 3 + 1
+    assert clock.seconds_per_batch() == 1 / 3  # two clock reads, one second apart, 3 batches
