@@ -172,8 +172,9 @@ def first_batch(view, engine, batch_size):
 
 
 def model_only(r, engine, warmup, steps):
-    """Seconds per train step and per eval step on one batch resident on the device, and the
-    seconds spent warming up (compile and CUDA-graph capture with --fast)."""
+    """Seconds per train step and per eval step on one batch resident on the device, the
+    seconds spent warming up (compile and CUDA-graph capture with --fast), and the peak GPU
+    bytes allocated during the training warm-up (cuDNN's autotuning included)."""
     device = r.args.device
     images, labels = first_batch(r.train_set, engine, r.args.batch_size)
 
@@ -186,14 +187,15 @@ def model_only(r, engine, warmup, steps):
 
     r.model.train()
     warmup_seconds = timed(device, train, warmup) * warmup
-    if device.type == "cuda":  # the steady state's peak, not that of cuDNN's autotuning
+    warmup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":  # from here on, the steady state's peak
         torch.cuda.reset_peak_memory_stats(device)
     train_seconds = timed(device, train, steps["model_train"])
     r.model.eval()
     warmup_seconds += timed(device, evaluate, warmup) * warmup
     eval_seconds = timed(device, evaluate, steps["model_eval"])
     r.model.train()
-    return train_seconds, eval_seconds, warmup_seconds
+    return train_seconds, eval_seconds, warmup_seconds, warmup_peak
 
 
 class Enough(Exception):
@@ -266,10 +268,12 @@ def measure(recipe, mode, options):
     engine = training.Engine(args, r.model)
     if engine.cuda:
         torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
     training.seed_epoch(args.seed, 1)
     graphs_before, skips_before = compile_counts()
 
-    train_seconds, eval_seconds, warmup_seconds = model_only(r, engine, warmup, steps)
+    train_seconds, eval_seconds, warmup_seconds, warmup_peak = model_only(r, engine, warmup,
+                                                                          steps)
     # Drain what the workers prefetch at start-up (2 batches each) before the clock starts.
     loader_warmup = max(warmup, 2 * args.workers)
     e2e_train_seconds = end_to_end(r, engine, True, loader_warmup, steps["train"])
@@ -279,6 +283,7 @@ def measure(recipe, mode, options):
     e2e_train_rate, e2e_eval_rate = batch / e2e_train_seconds, batch / e2e_eval_seconds
     peak = ((torch.cuda.max_memory_allocated(device) - leftover) / 2**30
             if engine.cuda else None)
+    warmup_peak = (warmup_peak - leftover) / 2**30 if engine.cuda else None
     counts = training.count_params(r.model, r.optimizer)
     graphs, skips = compile_counts()
     return dict(
@@ -292,6 +297,7 @@ def measure(recipe, mode, options):
         end_to_end_eval_images_per_second=e2e_eval_rate,
         end_to_end_over_model=train_seconds / e2e_train_seconds,
         peak_gpu_memory_gib=peak,
+        warmup_peak_gpu_memory_gib=warmup_peak,  # cuDNN's autotuning workspaces included
         warmup_seconds=warmup_seconds,
         compile_seconds=engine.warmup_seconds if engine.compiled else None,
         # --fast: 2 graphs (train, eval), all captured as CUDA graphs; more means recompiles

@@ -29,7 +29,7 @@ def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
         for key in RATES + ("model_ms_per_step", "end_to_end_ms_per_step",
                             "epoch_seconds_estimate", "end_to_end_over_model"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["recipe"], row["mode"], key)
-        assert row["peak_gpu_memory_gib"] is None  # no GPU memory on the CPU
+        assert row["peak_gpu_memory_gib"] is row["warmup_peak_gpu_memory_gib"] is None  # CPU
         # on the CPU --fast does not compile; a graph here would be a stray torch.compile
         assert (row["compiled_graphs"], row["cudagraph_skips"]) == (0, 0)
         steps = row["timed_steps"]
