@@ -15,8 +15,8 @@ RATES = ("model_train_images_per_second", "model_eval_images_per_second",
 
 def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
     path = tmp_path / "out" / "bench.json"  # a folder that does not exist yet
-    done = run_script("bench.py", "--device", "cpu", "--tiny", "--json", path, cwd=tmp_path,
-                      timeout=300)
+    done = run_script("bench.py", "--device", "cpu", "--tiny", "--only", "all", "--json", path,
+                      cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     document = json.loads(path.read_text())
@@ -82,3 +82,12 @@ def test_the_clock_times_the_steps_between_two_busy_moments(monkeypatch):
             clock.check()
     assert arrived == 2 + 3 + 1
     assert clock.seconds_per_batch() == 1 / 3  # two clock reads, one second apart, 3 batches
+
+
+def test_rows_selected():
+    import bench
+    assert bench.select_rows(bench.DEFAULT_ROWS) == bench.ROWS[:3]
+    assert bench.select_rows("all") == bench.select_rows("bug,fixed") == bench.ROWS
+    assert bench.select_rows("fast") == [("fixed", "fast"), ("bug", "fast")]
+    with pytest.raises(ValueError, match="unknown row 'fixed:slow'"):
+        bench.select_rows("fixed:slow")
