@@ -16,6 +16,7 @@ import random
 import runpy
 import shlex
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -149,6 +150,10 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     args.checkpoint_path = args.output_dir / f"{args.run_name}.pth"
     if args.resume and args.overwrite:
         parser.error("--resume continues a run and --overwrite replaces it: pick one")
+    writer = live_run(args.results_path)
+    if writer is not None:  # two processes writing the same files would corrupt them
+        parser.error(f"{args.results_path}: a run is still writing it (process {writer}): "
+                     "stop it first, or pick another --run-name")
     if args.resume and not args.checkpoint_path.exists():
         parser.error(f"--resume: no checkpoint {args.checkpoint_path} to resume from "
                      "(start the run without --resume)")
@@ -162,6 +167,33 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     # fused Adam is a CUDA kernel; None leaves PyTorch's own default, as in the report.
     args.fused = True if args.fast and args.device.type == "cuda" else None
     return args
+
+
+def live_run(results_path):
+    """The process id of a run still writing `results_path` on this machine, or
+    None. A results file says "running" both while its run goes on and after its process
+    was killed outright (SIGKILL, a power cut); the process it records tells the two apart."""
+    try:
+        document = json.loads(results_path.read_text())
+        status, script, process = document["status"], document["script"], document["process"]
+        pid, host = process["pid"], process["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no file, not a results file, or one written before "process" existed
+    if (status != "running" or host != socket.gethostname() or not isinstance(pid, int)
+            or pid <= 0 or pid == os.getpid() or os.name != "posix"):
+        return None  # (on Windows, os.kill(pid, 0) would end the process, not probe it)
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # alive, another user's
+    except (OSError, OverflowError):
+        return None
+    try:  # a process id reused since by something else
+        if f"{script}.py".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+    except OSError:
+        pass  # no /proc (macOS): the probe above has to do
+    return pid
 
 
 def exit_before_training(signum, frame):
@@ -452,6 +484,7 @@ def atomic_write(path, write):
 
 def save_results(args, config, history, status):
     document = {"script": args.script, "run_name": args.run_name, "status": status,
+                "process": {"pid": os.getpid(), "host": socket.gethostname()},
                 "config": config, "epochs": history}
     atomic_write(args.results_path, lambda f: f.write(json.dumps(document, indent=2).encode()))
 

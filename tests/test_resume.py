@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -443,13 +444,17 @@ def assert_interrupted(out, log_dir, proc, code, seconds):
     return document, command
 
 
-def interrupt_a_run(tmp_path, signum, code):
-    """Start a run, send `signum` once an epoch has finished, check what it leaves; return
-    the results document and the resume command it printed."""
+def interrupt_a_run(tmp_path, signum, code, second_writer):
+    """Start a run; once an epoch has finished, check that a second process given
+    `second_writer` (--resume or --overwrite) refuses to write the same files; send `signum`,
+    check what the run leaves; return the results document and the resume command it printed."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     proc = start_run(tiny(out, *SIGNAL_ARGS), logs)
     try:
         wait_for_epochs(out, proc, logs)
+        line = one_error_line(run(*tiny(out, *SIGNAL_ARGS), second_writer), 2)
+        assert f"still writing it (process {proc.pid})" in line, line
+        assert proc.poll() is None, "the run ended before the second process was refused"
         seconds = stop_with(proc, lambda: proc.send_signal(signum))
     finally:
         if proc.poll() is None:
@@ -458,7 +463,7 @@ def interrupt_a_run(tmp_path, signum, code):
 
 
 def test_sigint_stops_cleanly_and_the_printed_command_resumes(tmp_path):
-    document, command = interrupt_a_run(tmp_path, signal.SIGINT, 130)
+    document, command = interrupt_a_run(tmp_path, signal.SIGINT, 130, "--overwrite")
     assert command.startswith("python ") and "--resume" in command, command
 
     finished = len(document["epochs"])
@@ -471,7 +476,7 @@ def test_sigint_stops_cleanly_and_the_printed_command_resumes(tmp_path):
 
 
 def test_sigterm_stops_cleanly(tmp_path):
-    _, command = interrupt_a_run(tmp_path, signal.SIGTERM, 143)
+    _, command = interrupt_a_run(tmp_path, signal.SIGTERM, 143, "--resume")
     assert "--resume" in command
 
 
@@ -501,6 +506,33 @@ def test_signal_to_the_whole_process_group_with_workers(tmp_path, signum):
             os.killpg(group, signal.SIGKILL)  # only this test's own session
         except ProcessLookupError:
             pass
+
+
+def test_a_running_run_is_told_from_a_killed_one(tmp_path):
+    """live_run: "running" in a results file names a live writer only while its process,
+    on this host, still runs that script; the process killed, it names none."""
+    results = tmp_path / "fixed.json"
+
+    def writer(status="running", script="fixed", host=None, pid=None):
+        process = dict(pid=pid, host=host or socket.gethostname())
+        results.write_text(json.dumps(dict(script=script, status=status, process=process)))
+        return training.live_run(results)
+
+    # a stand-in for fixed.py: "fixed.py" is on its command line
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "fixed.py"])
+    try:
+        assert writer(pid=alive.pid) == alive.pid
+        assert writer(pid=alive.pid, status="interrupted") is None
+        assert writer(pid=alive.pid, host="another-machine") is None
+        assert writer(pid=alive.pid, script="bug") is None  # the id reused by another program
+        assert writer(pid=os.getpid()) is None  # this very process (a restarted container)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert writer(pid=alive.pid) is None  # killed outright: "running" left behind
+    results.write_text(json.dumps(dict(script="fixed", status="running")))  # no "process"
+    assert training.live_run(results) is None
+    assert training.live_run(tmp_path / "missing.json") is None
 
 
 # --------------------------------------------------------------------------- 4. refusals
