@@ -34,6 +34,19 @@ def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
         assert (row["compiled_graphs"], row["cudagraph_skips"]) == (0, 0)
         steps = row["timed_steps"]
         assert row["end_to_end_ms_per_step"] > 0 and steps["train"] == steps["eval"] == 2
+        # The derived fields agree with the times they come from (to float rounding).
+        batch, model_ms = row["batch_size"], row["model_ms_per_step"]
+        e2e_ms, e2e_rate = row["end_to_end_ms_per_step"], row["end_to_end_train_images_per_second"]
+        assert e2e_rate == pytest.approx(1000 * batch / e2e_ms, rel=1e-9)
+        assert row["model_train_images_per_second"] == pytest.approx(1000 * batch / model_ms,
+                                                                     rel=1e-9)
+        # end to end over model only: a fraction, the model-only step time over the e2e one
+        assert row["end_to_end_over_model"] == pytest.approx(model_ms / e2e_ms, rel=1e-9)
+        assert row["end_to_end_over_model"] == pytest.approx(
+            e2e_rate / row["model_train_images_per_second"], rel=1e-9)
+        # an epoch: 50,000 training images and 10,000 test images at the end-to-end rates
+        assert row["epoch_seconds_estimate"] == pytest.approx(
+            50_000 / e2e_rate + 10_000 / row["end_to_end_eval_images_per_second"], rel=1e-9)
     # The scripts' own objects were measured: bug.py trains only BatchNorm's affine parameters.
     trainable = {row["recipe"]: row["trainable_params"] for row in rows}
     assert trainable == {"bug": 42_016, "fixed": 4_135_648}
@@ -47,6 +60,12 @@ def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
         == [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
     header = "\n".join(lines[:-6])
     assert "bench.py on cpu" in header and str(torch.__version__) in header
+    # The table's "e2e img/s" column holds each row's end-to-end training rate.
+    names = [cell.strip() for cell in table[0].strip("|").split("|")]
+    shown = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]):
+             line.strip("|").split("|")[names.index("e2e img/s")].strip() for line in table[2:]}
+    assert shown == {(row["recipe"], row["mode"]):
+                     f"{row['end_to_end_train_images_per_second']:,.0f}" for row in rows}
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -91,3 +110,40 @@ def test_rows_selected():
     assert bench.select_rows("fast") == [("fixed", "fast"), ("bug", "fast")]
     with pytest.raises(ValueError, match="unknown row 'fixed:slow'"):
         bench.select_rows("fixed:slow")
+
+
+def test_table_shows_the_end_to_end_columns_of_a_hand_made_document():
+    """bench.table on two made-up rows, no model run: each number sits under its own header."""
+    import bench
+    base = dict(mode="default", image_size=224, batch_size=64, workers=8,
+                peak_gpu_memory_gib=1.25, warmup_seconds=3.0,
+                model_eval_images_per_second=12_800.0, end_to_end_eval_images_per_second=9_600.0)
+    rows = [
+        # model only 10 ms/step = 6,400 img/s; end to end 20 ms/step = 3,200 img/s: 50 %
+        dict(base, recipe="fixed", model_ms_per_step=10.0, model_train_images_per_second=6_400.0,
+             end_to_end_ms_per_step=20.0, end_to_end_train_images_per_second=3_200.0,
+             end_to_end_over_model=0.5, epoch_seconds_estimate=50_000 / 3_200 + 10_000 / 9_600),
+        # model only 40 ms/step = 1,600 img/s; end to end 50 ms/step = 1,280 img/s: 80 %
+        dict(base, recipe="bug", model_ms_per_step=40.0,
+             model_train_images_per_second=1_600.0, end_to_end_ms_per_step=50.0,
+             end_to_end_train_images_per_second=1_280.0, end_to_end_over_model=0.8,
+             epoch_seconds_estimate=50_000 / 1_280 + 10_000 / 9_600),
+    ]
+    document = dict(device="NVIDIA H100 80GB HBM3", torch="2.9.0", date="2025-01-02 03:04",
+                    cpus=16, workers=8, rows=rows)
+    lines = bench.table(document).splitlines()
+    assert lines[0].startswith("bench.py on NVIDIA H100 80GB HBM3, torch 2.9.0, 2025-01-02 03:04")
+    assert "est. s/epoch = 50,000 + 10,000 images at the e2e rates" in lines[1]
+    assert "below it: fixed default, bug default" in lines[2]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| recipe"))
+    names = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    assert set(lines[start + 1]) <= set("|-")
+    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[start + 2:]]
+    assert len(body) == 2
+    column = {name: [line[i] for line in body] for i, name in enumerate(names)}
+    assert column["recipe"] == ["fixed", "bug"]
+    assert column["model img/s"] == ["6,400", "1,600"]
+    assert column["e2e img/s"] == ["3,200", "1,280"]
+    assert column["e2e ms/step"] == ["20.0", "50.0"]
+    assert column["e2e/model"] == ["50%", "80%"]
+    assert column["est. s/epoch"] == ["17", "40"]
