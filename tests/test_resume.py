@@ -4,9 +4,10 @@ unexpected error is injected in-process, where the loss function can be replaced
 
 What is checked: a resumed run ends bit-identical to an uninterrupted one; a SIGKILL at any
 moment (mid-write included) leaves only complete files, from which --resume finishes the
-run; SIGINT/SIGTERM stop cleanly with a working resume command; every refusal to resume is
-one line and touches nothing; a non-finite loss stops the run keeping its finished epochs,
-and so does an unexpected error.
+run; SIGINT/SIGTERM stop cleanly with a working resume command, and a second process
+refuses the run's files while it goes on; every refusal to resume is one line and touches
+nothing, and the recipe check covers exactly the recipe's settings; a non-finite loss
+stops the run keeping its finished epochs, and so does an unexpected error.
 
 Each process spends ~3 s importing torch, so independent runs go two at a time (one thread
 each: OMP_NUM_THREADS=1 for every run here, so all runs share the same numerics)."""
@@ -560,6 +561,10 @@ def only_json(source, out, weights):
     copy_run(source, out, "fixed.json")
 
 
+def only_checkpoint(source, out, weights):
+    copy_run(source, out, "fixed.pth")
+
+
 def damaged(damage):
     def prepare(source, out, weights):
         keep(source, out, weights)
@@ -580,6 +585,9 @@ WEIGHTS = "WEIGHTS"  # replaced by the path of fake_imagenet_weights()
 # where named), exit code, words the error line must hold). `source` is a finished 3-epoch run.
 REFUSALS = {
     "no_checkpoint": (only_json, "fixed.py", RESUME, 2, ["no checkpoint"]),
+    # trained epochs in a checkpoint whose JSON is gone: a plain rerun must not replace them
+    "checkpoint_without_resume": (only_checkpoint, "fixed.py", FAULT_ARGS, 2,
+                                  ["fixed.pth holds an earlier run", "--resume", "--overwrite"]),
     "resume_and_overwrite": (keep, "fixed.py", [*RESUME, "--overwrite"], 2, ["--resume", "--overwrite"]),
     "corrupt": (damaged(lambda data: np.random.default_rng(0).bytes(1 << 20)), "fixed.py", RESUME, 1,
                 ["cannot resume", "corrupt"]),
@@ -628,6 +636,46 @@ def test_refusal_is_one_line_and_touches_nothing(refusals, case):
         assert word in line, line
     assert before, "nothing to compare"
     assert after == before, "a refused run changed the output folder"
+
+
+# Written out here, not read from training.RECIPE_KEYS: a key dropped there must fail here.
+# Each value differs from RECIPE_CONFIG's.
+MUST_MATCH = dict(script="bug", image_size=64, batch_size=8, lr=0.01, optimizer="SGD",
+                  pretrained="imagenet", dummy=False, fast=True, seed=1, limit_train_batches=3,
+                  limit_eval_batches=2)
+MAY_CHANGE = dict(epochs=99, device="NVIDIA H100 80GB HBM3", workers=15, torch="2.99.0",
+                  weights="elsewhere/efficientnet-b0-355c32eb.pth")
+RECIPE_CONFIG = dict(script="fixed", image_size=32, batch_size=4, lr=0.005, optimizer="Adam",
+                     pretrained="none", dummy=True, fast=False, seed=0, limit_train_batches=2,
+                     limit_eval_batches=1, epochs=3, device="cpu", workers=0, torch="2.14.1",
+                     weights=None)
+
+
+@pytest.mark.parametrize("key", [*MUST_MATCH, *MAY_CHANGE])
+def test_resume_checks_every_recipe_setting_and_only_those(tmp_path, key):
+    args = SimpleNamespace(checkpoint_path=tmp_path / "fixed.pth")
+    torch.save(dict(epoch=0, history=[], config=RECIPE_CONFIG), args.checkpoint_path)
+    changed = {**RECIPE_CONFIG, key: {**MUST_MATCH, **MAY_CHANGE}[key]}
+    if key in MAY_CHANGE:
+        assert training.load_checkpoint(args, changed)["epoch"] == 0
+        return
+    with pytest.raises(SystemExit) as refused:
+        training.load_checkpoint(args, changed)
+    assert "another recipe" in str(refused.value) and f"({key} " in str(refused.value)
+
+
+def test_a_second_signal_quits_at_once(monkeypatch):
+    """The first Ctrl-C asks for a stop at the next batch; a second one, during a long step,
+    quits at once (every file on disk is complete at any instant)."""
+    exits = []
+    monkeypatch.setattr(training.os, "_exit", exits.append)
+    stop = training.StopFlag()
+    stop.handle(signal.SIGINT, None)
+    assert exits == []
+    with pytest.raises(training.Interrupted):
+        stop.check()
+    stop.handle(signal.SIGINT, None)
+    assert exits == [130]
 
 
 # --------------------------------------------------------------------------- 5. non-finite loss
