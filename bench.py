@@ -36,6 +36,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime
@@ -136,10 +137,11 @@ def build(script, flags):
 
 
 def script_flags(mode, options):
-    # --overwrite: an earlier results/bug.json must not stop the build; nothing is written,
-    # since training.run is never called.
+    # An empty folder of bench's own: nothing is written (training.run is never called),
+    # and an earlier run in results/, or one still going there, must not stop the build.
     flags = ["--dummy", "--no-pretrained", "--device", str(options.device),
-             "--workers", str(options.workers), "--overwrite", *MODES[mode]]
+             "--workers", str(options.workers), "--output-dir", str(options.empty_dir),
+             *MODES[mode]]
     return flags + (TINY_FLAGS if options.tiny else [])
 
 
@@ -403,22 +405,25 @@ def main(argv=None):
         date=datetime.now().strftime("%Y-%m-%d %H:%M"), cpus=cpus, workers=options.workers,
         tiny=options.tiny, command="python " + " ".join(sys.argv), status="running", rows=[])
     failed = False
-    for recipe, mode in options.rows:
-        print(f"{recipe} {mode}: measuring ...", flush=True)
-        try:
-            row = measure(recipe, mode, options)
-            print(f"{recipe} {mode}: {row['model_train_images_per_second']:,.1f} img/s model only, "
-                  f"{row['end_to_end_train_images_per_second']:,.1f} end to end "
-                  f"({row['end_to_end_over_model']:.0%}), warm-up {row['warmup_seconds']:.1f} s, "
-                  f"{row['compiled_graphs']} graph(s) compiled, {row['cudagraph_skips']} without "
-                  f"CUDA graphs, row {row['row_seconds']:.0f} s", flush=True)
-        except Exception as error:  # a failed row (say, a compile error) must not lose the others
-            traceback.print_exc()
-            failed = True
-            row = dict(recipe=recipe, mode=mode, error=f"{type(error).__name__}: {error}"[:200])
-        document["rows"].append(row)
-        save(options.json, document)  # a run cut short keeps its finished rows
-        release(options.device)
+    with tempfile.TemporaryDirectory(prefix="bench-") as options.empty_dir:
+        for recipe, mode in options.rows:
+            print(f"{recipe} {mode}: measuring ...", flush=True)
+            try:
+                row = measure(recipe, mode, options)
+                print(f"{recipe} {mode}: {row['model_train_images_per_second']:,.1f} img/s model "
+                      f"only, {row['end_to_end_train_images_per_second']:,.1f} end to end "
+                      f"({row['end_to_end_over_model']:.0%}), warm-up "
+                      f"{row['warmup_seconds']:.1f} s, {row['compiled_graphs']} graph(s) "
+                      f"compiled, {row['cudagraph_skips']} without CUDA graphs, row "
+                      f"{row['row_seconds']:.0f} s", flush=True)
+            except Exception as error:  # a failed row (a compile error) must not lose the others
+                traceback.print_exc()
+                failed = True
+                error = f"{type(error).__name__}: {error}"[:200]
+                row = dict(recipe=recipe, mode=mode, error=error)
+            document["rows"].append(row)
+            save(options.json, document)  # a run cut short keeps its finished rows
+            release(options.device)
     document["status"] = "failed" if failed else "finished"
     save(options.json, document)
     print(f"\nwritten: {options.json}\n")
