@@ -22,6 +22,14 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def in_an_empty_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder, so that the default results/ and data/ are
+    never those of the checkout: a user's own runs there are neither refused over nor
+    touched."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def build():
     """build("bug.py", *argv): what the script would train (training.build)."""
