@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,6 +243,29 @@ def test_real_cifar100_on_disk(build, tmp_path, monkeypatch):
                 torch.testing.assert_close(got, expected)
 
 
+def test_cifar100_is_downloaded_when_missing(build, tmp_path, monkeypatch):
+    """A first run fetches CIFAR-100 itself: torchvision's download, from the published URL
+    (stubbed here: it writes the small data set, in the real layout)."""
+    for key, value in NO_NETWORK.items():
+        monkeypatch.setenv(key, value)
+    fetched = []
+
+    def download_and_extract_archive(url, root, filename=None, md5=None):
+        fetched.append(url)
+        write_cifar100(Path(root))
+
+    monkeypatch.setattr(datasets.cifar, "download_and_extract_archive",
+                        download_and_extract_archive)
+    monkeypatch.setattr(datasets.cifar, "check_integrity",
+                        lambda path, md5=None: os.path.isfile(path))
+    b = build("fixed.py", "--device", "cpu", "--no-pretrained", "--workers", "0",
+              "--data-dir", tmp_path / "data", "--image-size", "32",
+              "--output-dir", tmp_path / "out")
+    assert fetched == [training.CIFAR_URL]  # once: the test split finds it there
+    assert isinstance(b.train_set.images, datasets.CIFAR100) and len(b.train_set) == 6
+    assert len(b.test_set) == 4
+
+
 # --------------------------------------------------------------------------- 5. weights
 
 def test_weights_from_file_and_from_hub_cache(build, tmp_path, monkeypatch):
@@ -265,6 +289,47 @@ def test_weights_from_file_and_from_hub_cache(build, tmp_path, monkeypatch):
               "--output-dir", tmp_path / "out")
     assert b.args.weights is None and b.args.pretrained == "imagenet"
     assert_backbone_is(b.model, state)
+
+
+def test_the_seed_decides_the_new_head_with_pretrained_weights(build, tmp_path, monkeypatch):
+    """--seed, not whatever state torch's generator is in, draws the new 100-class head."""
+    for key, value in NO_NETWORK.items():
+        monkeypatch.setenv(key, value)
+    weights = tmp_path / WEIGHTS_FILE
+    save_b0_weights(weights)
+    argv = ["--device", "cpu", "--dummy", "--workers", "0", "--image-size", "32",
+            "--weights", weights, "--output-dir", tmp_path / "out"]
+
+    def head(*seed):
+        torch.manual_seed(12345)  # the same global state before every build
+        return build("fixed.py", *argv, *seed).model.module._fc.weight.detach().clone()
+
+    assert torch.equal(head(), head("--seed", "0"))  # 0 is the default
+    assert not torch.equal(head(), head("--seed", "1"))
+
+
+def test_weights_of_another_shape_are_refused(tmp_path):
+    """b0's keys with another model's shapes (a b1 file renamed, say): refused by name
+    before the run, not a traceback in load_state_dict."""
+    path = tmp_path / WEIGHTS_FILE
+    state = save_b0_weights(path)
+    state["_conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
+    torch.save(state, path)
+    problem = training.check_weights_file(path)
+    assert "shapes" in problem and "_conv_stem.weight is (16, 3, 3, 3)" in problem, problem
+
+
+def test_epoch_line_names_each_number():
+    """The line a user watches: each figure under its own name (values chosen apart)."""
+    entry = dict(epoch=2, train_loss=1.5, train_acc=12.5, test_loss=2.25, test_acc=23.75,
+                 epoch_seconds=61.5, train_images_per_second=1234.0, peak_gpu_memory_gib=7.5,
+                 warmup_seconds=89.0)
+    assert training.epoch_line(entry, 40) == (
+        "epoch 2/40: train loss 1.5000 acc 12.50% | test loss 2.2500 acc 23.75% | 61.5 s, "
+        "1,234 train img/s, peak 7.50 GiB, compile warm-up 89 s")
+    cpu = dict(entry, peak_gpu_memory_gib=None, train_images_per_second=0.214)
+    del cpu["warmup_seconds"]
+    assert training.epoch_line(cpu, 40).endswith("| 61.5 s, 0.21 train img/s")
 
 
 # --------------------------------------------------------------------------- 6. end to end
@@ -408,6 +473,7 @@ BAD_INPUT = [
     (["--seed", "-1"], ["--seed", "0 or more"]),
     (["--run-name", "a/b"], ["--run-name 'a/b'", "plain file name"]),
     (["--run-name", ".hidden"], ["--run-name '.hidden'", "plain file name"]),
+    (["--run-name", ""], ["--run-name ''", "plain file name"]),
     (["--output-dir", "{file}"], ["--output-dir", "a_file", "is a file"]),
     (["--weights", "{missing}", "--no-pretrained"], ["--weights and --no-pretrained"]),
 ]
@@ -433,6 +499,17 @@ def test_bad_input_is_refused(build, capsys, tmp_path, weights_files, bad, fragm
     assert exit_.value.code == 2
     assert_one_line_error(capsys.readouterr().err, "fixed.py", *fragments)
     assert not out.exists()
+
+
+def test_a_gpu_index_beyond_the_machines_is_refused(build, capsys, tmp_path, monkeypatch):
+    """--device cuda:1 on a one-GPU machine (CUDA stubbed: nothing runs on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exit_:
+        build("fixed.py", "--dummy", "--device", "cuda:1", "--output-dir", tmp_path / "out")
+    assert exit_.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, "fixed.py", "--device cuda:1",
+                          "1 CUDA device(s)")
 
 
 SUBPROCESS_BAD = [BAD_INPUT[6], BAD_INPUT[10], BAD_INPUT[12]]  # --lr nan, cuda, a text file
