@@ -481,6 +481,35 @@ def test_sigterm_stops_cleanly(tmp_path):
     assert "--resume" in command
 
 
+def test_the_resume_command_of_an_overwriting_run(monkeypatch):
+    """Ctrl-C in a run started with --overwrite: the command printed resumes it, without
+    --overwrite (which --resume refuses, and which would start it again)."""
+    monkeypatch.setattr(sys, "argv", ["fixed.py", "--overwrite", "--epochs", "3"])
+    assert training.resume_command() == "python fixed.py --epochs 3 --resume"
+    monkeypatch.setattr(sys, "argv", ["fixed.py", "--resume"])
+    assert training.resume_command() == "python fixed.py --resume"
+
+
+def test_a_signal_before_training_is_one_line_and_its_exit_code(tmp_path, capsys):
+    """From the command line on (start-up may include a download), SIGINT and SIGTERM stop
+    with one line and 130/143, not a KeyboardInterrupt traceback or a silent SIGTERM death."""
+    saved = {signum: signal.getsignal(signum) for signum in training.EXIT_SIGNAL}
+    try:
+        training.parse_args("fixed.py", "", epochs=1, batch_size=4, lr=0.005, image_size=32,
+                            argv=["--dummy", "--device", "cpu", "--output-dir", str(tmp_path)])
+        for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            handler = signal.getsignal(signum)
+            # checked first: Python's own SIGINT handler would stop this whole test session
+            assert handler is training.exit_before_training
+            with pytest.raises(SystemExit) as exit_:
+                handler(signum, None)
+            assert exit_.value.code == code
+        assert capsys.readouterr().err.count("stopped before training started") == 2
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_to_the_whole_process_group_with_workers(tmp_path, signum):
     """Ctrl-C in a terminal (SIGINT), or a job manager stopping the job's process group
@@ -722,6 +751,27 @@ def test_unexpected_error_marks_the_run_failed_and_it_resumes(build, tmp_path):
 
     ok(run(*tiny(out, "--epochs", "3", "--resume")))
     assert_finished(out, 3)
+
+
+def test_out_of_gpu_memory_is_one_line_and_marks_the_run_failed(build, tmp_path, monkeypatch):
+    """The bug's recipe on a smaller GPU: one line that says what to change (exit 1), the
+    results "failed" with the finished epochs kept. (No GPU here: the error is raised.)"""
+    out = tmp_path / "out"
+    built = build("fixed.py", *tiny(out, "--epochs", "2"))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "train_step", out_of_memory)
+    with pytest.raises(SystemExit) as stopped:
+        training.run(built.args, built.model, built.criterion, built.optimizer,
+                     built.train_set, built.test_set)
+    message = str(stopped.value.code)
+    assert "error: out of GPU memory in epoch 1 (cpu)" in message, message
+    assert "--batch-size" in message and "\n" not in message
+    document, checkpoint = complete_files(out)
+    assert document["status"] == "failed" and document["epochs"] == []
+    assert checkpoint["epoch"] == 0
 
 
 # --------------------------------------------------------------------------- 6. nothing left to do
