@@ -49,6 +49,13 @@ def test_the_ladder_changes_one_thing_per_rung(tmp_path, build):
     assert compare[1:] == [f"out/{rung}.json" for rung in LADDER] + ["--plot", "out/ablation.png"]
 
 
+def test_output_dir_with_equals_is_where_compare_reads(tmp_path):
+    done, commands = ablation(tmp_path, *FLAGS, "--output-dir=out")
+    assert done.returncode == 0, done.stderr
+    assert commands[-1][1:] == [f"out/{rung}.json" for rung in LADDER] + ["--plot",
+                                                                         "out/ablation.png"]
+
+
 @pytest.mark.parametrize("flag", ["--run-name", "--image-size", "--batch-size", "--lr"])
 @pytest.mark.parametrize("form", ["separate", "equals"])
 def test_a_rungs_own_setting_is_refused(tmp_path, flag, form):

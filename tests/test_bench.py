@@ -102,6 +102,35 @@ def test_refusals_are_one_line_exit_2_and_touch_nothing(tmp_path, argv, words):
     assert earlier.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json"]
 
 
+def test_each_row_is_saved_as_it_ends_and_a_failed_row_fails_the_run(tmp_path, monkeypatch,
+                                                                      capsys):
+    """A benchmark cut short keeps its finished rows; a row that raises (a compile error,
+    say) is recorded with its error, the others still run, and bench exits 1, "failed".
+    (measure() stubbed: no model runs.)"""
+    import bench
+    path = tmp_path / "bench.json"
+    rows_on_disk = []
+
+    def measure(recipe, mode, options):
+        rows_on_disk.append(len(json.loads(path.read_text())["rows"]) if path.exists() else 0)
+        if recipe == "fixed":
+            raise RuntimeError("compile failed")
+        return dict(recipe=recipe, mode=mode, model_train_images_per_second=1.0,
+                    end_to_end_train_images_per_second=1.0, end_to_end_over_model=1.0,
+                    warmup_seconds=0.0, compiled_graphs=0, cudagraph_skips=0, row_seconds=0.0)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "table", lambda document: "")
+    code = bench.main(["--device", "cpu", "--only", "bug:default,fixed:default,bug:fast",
+                       "--json", str(path)])
+    document = json.loads(path.read_text())
+    assert rows_on_disk == [0, 1, 2]  # each row on disk before the next one starts
+    assert code == 1 and document["status"] == "failed"
+    assert [row.get("error") for row in document["rows"]] == [
+        None, "RuntimeError: compile failed", None]
+    assert "RuntimeError: compile failed" in capsys.readouterr().err  # its traceback
+
+
 def test_the_clock_times_the_steps_between_two_busy_moments(monkeypatch):
     """End to end, the clock starts when batch warmup+1 arrives and stops when batch
     warmup+steps+1 arrives (the loop is cut there, the workers still busy): `steps` batches

@@ -141,6 +141,20 @@ def test_plot_is_a_readable_png(runs, tmp_path, capsys):
     assert f"plot: {png}" in capsys.readouterr().out
 
 
+def test_plot_draws_train_loss_solid_and_test_loss_dashed(runs, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    try:
+        compare.plot([compare.summarize(compare.load_run(runs[0]))], tmp_path / "bug.png")
+        losses = figures[0].axes[0]
+        lines = {line.get_linestyle(): list(line.get_ydata()) for line in losses.get_lines()}
+    finally:
+        plt.close("all")
+    assert lines == {"-": [train for _, train, *_ in BUG_EPOCHS],
+                     "--": [test for _, _, test, *_ in BUG_EPOCHS]}
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["as-baseline", "after-baseline"])
 def test_a_run_with_no_finished_epoch_yet_is_shown_not_refused(runs, tmp_path, capsys, first):
     """bug.py's first epoch takes hours: comparing it meanwhile shows it with dashes."""

@@ -204,6 +204,14 @@ def test_fast_means_bf16_autocast_and_a_channels_last_model(fast):
     assert output.dtype == (torch.bfloat16 if fast else torch.float32)
 
 
+@pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 1), (8, 7), (17, 16), (64, 16)])
+def test_default_workers_leave_the_main_process_a_cpu(monkeypatch, cpus, workers):
+    """--workers' default: one less than the CPUs this process may use, at most 16."""
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: set(range(cpus)),
+                        raising=False)
+    assert training.default_workers() == workers
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "default"])
 def test_on_cuda_the_loader_pins_memory_and_fast_fuses_adam(monkeypatch, tmp_path, fast):
     """The GPU's settings, checked without one: CUDA's presence is stubbed and nothing is
