@@ -12,11 +12,12 @@ script's own model, freezing, optimizer and transforms, then times:
 
 and prints one table last (also written as JSON, atomically, after every row, so that a
 run cut short keeps its finished rows): images/s and ms/step of both, end-to-end over
-model-only (the goal: 90 % or more), eval images/s, peak GPU memory
-(torch.cuda.max_memory_allocated over the row, once cuDNN has picked its algorithms),
-warm-up (the untimed steps: for --fast, torch.compile and CUDA-graph capture, reported
-apart) and an estimated epoch: 50,000 train + 10,000 test images at the end-to-end rates,
-warm-up left out. The JSON also counts the graphs compiled and any run without CUDA graphs.
+model-only (the goal: 90 % or more), eval images/s, peak GPU memory over the row once
+cuDNN has picked its algorithms (torch.cuda.max_memory_allocated; with --fast's CUDA
+graphs, max_memory_reserved, which alone counts the graphs' memory pool), warm-up (the
+untimed steps: for --fast, torch.compile and CUDA-graph capture, reported apart) and an
+estimated epoch: 50,000 train + 10,000 test images at the end-to-end rates, warm-up left
+out. The JSON also counts the graphs compiled and any run without CUDA graphs.
 Weights are random: speed and memory do not depend on their values.
 
   python bench.py                  three rows: bug and fixed by default, fixed with --fast
@@ -179,7 +180,7 @@ def first_batch(view, engine, batch_size):
 def model_only(r, engine, warmup, steps):
     """Seconds per train step and per eval step on one batch resident on the device, the
     seconds spent warming up (compile and CUDA-graph capture with --fast), and the peak GPU
-    bytes allocated during the training warm-up (cuDNN's autotuning included)."""
+    bytes of the training warm-up (cuDNN's autotuning included; Engine.peak_memory)."""
     device = r.args.device
     images, labels = first_batch(r.train_set, engine, r.args.batch_size)
 
@@ -192,9 +193,9 @@ def model_only(r, engine, warmup, steps):
 
     r.model.train()
     warmup_seconds = timed(device, train, warmup) * warmup
-    warmup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    if device.type == "cuda":  # from here on, the steady state's peak
-        torch.cuda.reset_peak_memory_stats(device)
+    warmup_peak = engine.peak_memory() if engine.cuda else 0
+    if engine.cuda:  # from here on, the steady state's peak
+        engine.reset_peak_memory()
     train_seconds = timed(device, train, steps["model_train"])
     r.model.eval()
     warmup_seconds += timed(device, evaluate, warmup) * warmup
@@ -265,7 +266,10 @@ def measure(recipe, mode, options):
     """One row of the table."""
     started = time.perf_counter()
     device = options.device
-    leftover = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    # What earlier rows left, in both of training.Engine.peak_memory's measures.
+    left_allocated, left_reserved = ((torch.cuda.memory_allocated(device),
+                                      torch.cuda.memory_reserved(device))
+                                     if device.type == "cuda" else (0, 0))
     r = build(RECIPES[recipe], script_flags(mode, options))
     args = r.args
     warmup, steps = loop_steps(recipe, options)
@@ -273,7 +277,7 @@ def measure(recipe, mode, options):
     engine = training.Engine(args, r.model)
     if engine.cuda:
         torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
+        engine.reset_peak_memory()
     training.seed_epoch(args.seed, 1)
     graphs_before, skips_before = compile_counts()
 
@@ -286,8 +290,8 @@ def measure(recipe, mode, options):
 
     batch = args.batch_size
     e2e_train_rate, e2e_eval_rate = batch / e2e_train_seconds, batch / e2e_eval_seconds
-    peak = ((torch.cuda.max_memory_allocated(device) - leftover) / 2**30
-            if engine.cuda else None)
+    leftover = left_reserved if engine.compiled else left_allocated
+    peak = (engine.peak_memory() - leftover) / 2**30 if engine.cuda else None
     warmup_peak = (warmup_peak - leftover) / 2**30 if engine.cuda else None
     counts = training.count_params(r.model, r.optimizer)
     graphs, skips = compile_counts()

@@ -134,6 +134,9 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
         if args.device.index >= torch.cuda.device_count():
             parser.error(f"--device {args.device}: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
+        # The current device too: the loader's pin-memory thread pins for it, and would
+        # otherwise open a CUDA context on GPU 0 as well.
+        torch.cuda.set_device(args.device)
     if args.data_dir.exists() and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir}: is a file, not a directory")
     if args.weights is not None:
@@ -629,6 +632,19 @@ class Engine:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def reset_peak_memory(self):
+        if self.compiled:  # what the eager warm-up left cached would count as reserved
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self):
+        """Peak GPU bytes since reset_peak_memory(): allocated, as the report's figure
+        counts; with CUDA graphs, reserved, since a replayed graph's tensors live in its
+        memory pool, which the allocator holds but does not count as allocated."""
+        if self.compiled:
+            return torch.cuda.max_memory_reserved(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
     def autocast(self):
         if not self.fast:
             return nullcontext()
@@ -659,14 +675,16 @@ def compile_problem(device):
     if device.type not in COMPILE_ON:
         return f"torch.compile with CUDA graphs needs CUDA, not {device.type}"
     if device.type == "cuda":
-        # Inductor generates Triton kernels: without Triton (e.g. on Windows) or on a GPU
-        # Triton does not support, compiling would fail in the first step, mid-run.
+        # Inductor generates Triton kernels: without Triton (e.g. on Windows), compiling
+        # would fail in the first step, mid-run.
         if importlib.util.find_spec("triton") is None:
             return "torch.compile needs Triton, which is not installed"
+        # And it compiles bf16 only for GPUs with native bf16: on older ones it would skip
+        # the graph, silently, and run it eagerly (Triton itself needs 7.0 or newer).
         major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (7, 0):
-            return (f"torch.compile needs a GPU of compute capability 7.0 or newer for "
-                    f"Triton; {describe_device(device)} is {major}.{minor}")
+        if (major, minor) < (8, 0):
+            return (f"torch.compile needs a GPU with native bf16 (compute capability 8.0 or "
+                    f"newer); {describe_device(device)} is {major}.{minor}")
     return None
 
 
@@ -675,7 +693,11 @@ def train_step(model, criterion, optimizer, engine, images, labels):
         with engine.autocast():
             output = engine.forward(model, images)
             loss = criterion(output, labels)
-        optimizer.zero_grad(set_to_none=True)
+        # Every parameter's gradient, not only the optimizer's: bug.py's BatchNorm parameters
+        # require grad but are in no optimizer. Their gradients, never read, would pile up
+        # step after step, and with CUDA graphs (--fast) into memory the next replay has
+        # overwritten: an error. Dropping them changes no number.
+        model.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return output, loss
@@ -791,7 +813,7 @@ def run(args, model, criterion, optimizer, train_set, test_set):
             for epoch in range(len(history) + 1, args.epochs + 1):
                 seed_epoch(args.seed, epoch)
                 if engine.cuda:
-                    torch.cuda.reset_peak_memory_stats(args.device)
+                    engine.reset_peak_memory()
                 engine.warmup_seconds, engine.warmup_images = 0.0, 0
                 start = time.perf_counter()
                 trained = train(model, train_loader, criterion, optimizer, engine, epoch, stop)
@@ -807,8 +829,7 @@ def run(args, model, criterion, optimizer, train_set, test_set):
                     epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                     test_acc=test_acc, epoch_seconds=time.perf_counter() - start,
                     train_images_per_second=train_rate,
-                    peak_gpu_memory_gib=torch.cuda.max_memory_allocated(args.device) / 2**30
-                    if engine.cuda else None)
+                    peak_gpu_memory_gib=engine.peak_memory() / 2**30 if engine.cuda else None)
                 if engine.compiled:
                     entry["warmup_seconds"] = engine.warmup_seconds
                 history.append(entry)
@@ -871,11 +892,12 @@ def rate(images_per_second):
 
 
 def epoch_line(entry, epochs):
+    compiled = "warmup_seconds" in entry
     memory = entry["peak_gpu_memory_gib"]
-    warmup = (f", compile warm-up {entry['warmup_seconds']:.0f} s"
-              if "warmup_seconds" in entry else "")
+    peak = ("" if memory is None  # the CPU
+            else f", peak {memory:.2f} GiB" + (" reserved" if compiled else ""))  # peak_memory()
+    warmup = f", compile warm-up {entry['warmup_seconds']:.0f} s" if compiled else ""
     return (f"epoch {entry['epoch']}/{epochs}: train loss {entry['train_loss']:.4f} "
             f"acc {entry['train_acc']:.2f}% | test loss {entry['test_loss']:.4f} "
             f"acc {entry['test_acc']:.2f}% | {entry['epoch_seconds']:.1f} s, "
-            f"{rate(entry['train_images_per_second'])} train img/s"
-            + (f", peak {memory:.2f} GiB" if memory is not None else "") + warmup)
+            f"{rate(entry['train_images_per_second'])} train img/s{peak}{warmup}")

@@ -4,10 +4,11 @@
   the very batches of the plain torchvision pipeline, the script's own Compose on the same
   per-image seed, whatever --workers;
 - the loop's parts: a new order every epoch, evaluation in eval mode without autograd,
-  accuracy in percent, what --fast sets (bf16, channels_last, fused Adam on CUDA), pinned
-  memory and persistent workers on CUDA;
-- --fast falls back where it cannot compile (the CPU; a GPU without Triton) with a
-  one-line notice, and learns, as the default path does;
+  accuracy in percent, no gradient kept from one step to the next (CUDA graphs overwrite
+  it), what --fast sets (bf16, channels_last, fused Adam on CUDA), pinned memory,
+  persistent workers and the current device on CUDA, the GPU memory figure reported;
+- --fast falls back where it cannot compile (the CPU; a GPU without Triton or native bf16)
+  with a one-line notice, and learns, as the default path does;
 - --fast's compiled path, with an eager backend in place of CUDA graphs, compiles one graph
   per mode and batch shape, in the first epoch only, its time left out of images/s;
 - bug.py learns nothing: not one parameter changes."""
@@ -220,6 +221,7 @@ def test_on_cuda_the_loader_pins_memory_and_fast_fuses_adam(monkeypatch, tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     args = training.parse_args("fixed.py", "", epochs=1, batch_size=4, lr=0.005, image_size=32,
                                argv=["--dummy", "--device", "cuda", "--workers", "2",
                                      "--output-dir", str(tmp_path), *(["--fast"] if fast else [])])
@@ -267,22 +269,24 @@ def test_bug_changes_no_parameter(tmp_path, script):
 
 
 @pytest.mark.parametrize("triton, capability, problem", [
+    (True, (8, 0), None),
     (True, (8, 6), None),
     (True, (9, 0), None),
     (False, (8, 6), "torch.compile needs Triton, which is not installed"),
-    (True, (6, 1), "compute capability 7.0 or newer for Triton; Tesla P100 is 6.1"),
-], ids=["A40", "H100", "no-triton", "too-old"])
+    (True, (7, 5), "native bf16 (compute capability 8.0 or newer); Tesla T4 is 7.5"),
+], ids=["A100", "A40", "H100", "no-triton", "no-native-bf16"])
 def test_fast_on_a_gpu_it_cannot_compile_for_falls_back(monkeypatch, capsys, triton,
                                                         capability, problem):
-    """On CUDA, --fast compiles only where inductor's Triton kernels can run; elsewhere one
-    notice says why, instead of a traceback in the first step. (No GPU here: the checks'
-    inputs are stubbed; nothing touches CUDA.)"""
+    """On CUDA, --fast compiles only where inductor can compile its bf16 graphs to Triton
+    kernels; elsewhere one notice says why, instead of a traceback in the first step or, on
+    a GPU without native bf16, inductor silently skipping the graph. (No GPU here: the
+    checks' inputs are stubbed; nothing touches CUDA.)"""
     find_spec = training.importlib.util.find_spec
     monkeypatch.setattr(training.importlib.util, "find_spec",
                         lambda name: (object() if triton else None) if name == "triton"
                         else find_spec(name))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla P100")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
     gpu = torch.device("cuda", 0)
     found = training.compile_problem(gpu)
     if problem is None:
@@ -294,6 +298,68 @@ def test_fast_on_a_gpu_it_cannot_compile_for_falls_back(monkeypatch, capsys, tri
     assert not engine.compiled and engine.memory_format == torch.channels_last
     assert notices == [f"--fast: {found}; without torch.compile, only bf16 autocast, "
                        "channels_last and fused Adam apply"]
+
+
+def test_the_runs_gpu_becomes_the_current_device(monkeypatch, tmp_path):
+    """--device cuda:1: the loader's pin-memory thread pins for the current device, which
+    would otherwise stay GPU 0 and open a CUDA context there too. (CUDA stubbed.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    training.parse_args("fixed.py", "", epochs=1, batch_size=4, lr=0.005, image_size=32,
+                        argv=["--dummy", "--device", "cuda:1", "--output-dir", str(tmp_path)])
+    assert current == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["cuda-graphs", "default"])
+def test_peak_gpu_memory_counts_what_cuda_graphs_hold(monkeypatch, compiled):
+    """The peak GPU memory of an epoch (and of a bench row): allocated, as the report
+    counts it; with CUDA graphs, reserved, since a replayed graph's tensors live in a pool
+    the allocator holds but does not count as allocated; what the eager warm-up left cached
+    is released first, so that it does not count. (CUDA stubbed: nothing runs on it.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device: calls.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: ("allocated", device))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: ("reserved", device))
+    gpu = torch.device("cuda", 0)
+    engine = training.Engine(SimpleNamespace(device=gpu, fast=False), torch.nn.Identity())
+    engine.compiled = compiled  # what --fast sets where it compiles
+    engine.reset_peak_memory()
+    assert calls == (["empty_cache"] if compiled else []) + [("reset", gpu)]
+    assert engine.peak_memory() == ("reserved" if compiled else "allocated", gpu)
+
+
+def test_no_gradient_outlives_its_step(build, tmp_path):
+    """Each step's gradients are new: the last step's are dropped, for every parameter,
+    not only the optimizer's. With --fast's CUDA graphs a gradient lives in memory the next
+    replay overwrites, and adding to it fails on the GPU ("accessing gradient tensor output
+    of CUDAGraphs that has been overwritten"). bug.py is the case: its BatchNorm parameters
+    require grad and are in no optimizer. Here the last step's gradients are overwritten by
+    hand, with NaN, as a replay would overwrite them."""
+    built = build("bug.py", *SMALL, "--image-size", "32", "--output-dir", tmp_path)
+    engine = training.Engine(built.args, built.model)
+    images, labels = engine.to_device(
+        built.train_set, *torch.utils.data.default_collate(
+            [built.train_set[(1, index)] for index in range(BATCH)]))
+
+    def step():
+        training.train_step(built.model, built.criterion, built.optimizer, engine, images,
+                            labels)
+        return {name: p.grad for name, p in built.model.named_parameters()
+                if p.grad is not None}
+
+    built.model.train()
+    stale = step()
+    assert len(stale) == 98  # BatchNorm's weights and biases: trainable, not in the optimizer
+    for grad in stale.values():
+        grad.fill_(float("nan"))
+    fresh = step()
+    assert fresh.keys() == stale.keys()
+    for name, grad in fresh.items():
+        assert grad is not stale[name] and torch.isfinite(grad).all(), name
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "default"])

@@ -326,9 +326,11 @@ def test_epoch_line_names_each_number():
                  warmup_seconds=89.0)
     assert training.epoch_line(entry, 40) == (
         "epoch 2/40: train loss 1.5000 acc 12.50% | test loss 2.2500 acc 23.75% | 61.5 s, "
-        "1,234 train img/s, peak 7.50 GiB, compile warm-up 89 s")
-    cpu = dict(entry, peak_gpu_memory_gib=None, train_images_per_second=0.214)
-    del cpu["warmup_seconds"]
+        "1,234 train img/s, peak 7.50 GiB reserved, compile warm-up 89 s")
+    default = dict(entry)
+    del default["warmup_seconds"]  # not compiled: the peak is allocated memory
+    assert training.epoch_line(default, 40).endswith("1,234 train img/s, peak 7.50 GiB")
+    cpu = dict(default, peak_gpu_memory_gib=None, train_images_per_second=0.214)
     assert training.epoch_line(cpu, 40).endswith("| 61.5 s, 0.21 train img/s")
 
 
