@@ -87,7 +87,9 @@ def parse_args(argv=None):
                              f"(default: {DEFAULT_ROWS})")
     parser.add_argument("--steps", type=int, metavar="N",
                         help="timed steps of every loop (default: model-only 30, eval 30, "
-                             "end-to-end training 60 for bug and 120 for fixed)")
+                             "end-to-end training 60 for bug and 120 for fixed). A row fails "
+                             "if an end-to-end loop would reach its data's last, partial "
+                             "batch: for fixed with 15 workers, past 95")
     parser.add_argument("--tiny", action="store_true",
                         help=f"smoke sizes: {' '.join(TINY_FLAGS)}, {TINY_WARMUP} warm-up and "
                              f"{TINY_STEPS} timed steps, workers 0")
@@ -238,11 +240,34 @@ class BatchClock:
         return self.seconds / self.steps
 
 
+def loader_batches(args, warmup, steps):
+    """The batches an end-to-end loop draws: the warm-up, the timed steps, the one that
+    stops the clock, and those the workers then have in hand (prefetch_factor 2 each)."""
+    return warmup + steps + 1 + 2 * args.workers
+
+
+class TooManySteps(Exception):
+    pass
+
+
+def check_full_batches(r, warmup, steps):
+    """Refuse, before anything is compiled, an end-to-end loop that would reach its data
+    set's last, partial batch: another shape, so a compile (--fast) or cuDNN autotuning in
+    the timed window, and fewer images than the batch size it is counted at."""
+    batch = r.args.batch_size
+    for loop, view in (("train", r.train_set), ("eval", r.test_set)):
+        needed, full = loader_batches(r.args, warmup, steps[loop]), len(view) // batch
+        if needed > full:
+            raise TooManySteps(f"the end-to-end {loop} loop needs {needed:,} full batches "
+                               f"of {batch}, and {len(view):,} images make {full:,}: lower "
+                               "--steps or --workers")
+
+
 def end_to_end(r, engine, train, warmup, steps):
     """Seconds per batch of training.train (train=True) or training.validate on the real
     loader: `steps` batches after `warmup`, with the workers kept busy past the last."""
     args = r.args
-    limit = warmup + steps + 1 + 2 * args.workers  # prefetch_factor 2 per worker
+    limit = loader_batches(args, warmup, steps)
     if train:
         args.limit_train_batches = limit
     else:
@@ -273,6 +298,9 @@ def measure(recipe, mode, options):
     r = build(RECIPES[recipe], script_flags(mode, options))
     args = r.args
     warmup, steps = loop_steps(recipe, options)
+    # Drain what the workers prefetch at start-up (2 batches each) before the clock starts.
+    loader_warmup = max(warmup, 2 * args.workers)
+    check_full_batches(r, loader_warmup, steps)
     # What training.run does before its epochs.
     engine = training.Engine(args, r.model)
     if engine.cuda:
@@ -283,8 +311,6 @@ def measure(recipe, mode, options):
 
     train_seconds, eval_seconds, warmup_seconds, warmup_peak = model_only(r, engine, warmup,
                                                                           steps)
-    # Drain what the workers prefetch at start-up (2 batches each) before the clock starts.
-    loader_warmup = max(warmup, 2 * args.workers)
     e2e_train_seconds = end_to_end(r, engine, True, loader_warmup, steps["train"])
     e2e_eval_seconds = end_to_end(r, engine, False, loader_warmup, steps["eval"])
 
@@ -421,7 +447,10 @@ def main(argv=None):
                       f"compiled, {row['cudagraph_skips']} without CUDA graphs, row "
                       f"{row['row_seconds']:.0f} s", flush=True)
             except Exception as error:  # a failed row (a compile error) must not lose the others
-                traceback.print_exc()
+                if isinstance(error, TooManySteps):  # the command line's, in one line
+                    print(f"{recipe} {mode}: error: {error}", file=sys.stderr, flush=True)
+                else:
+                    traceback.print_exc()
                 failed = True
                 error = f"{type(error).__name__}: {error}"[:200]
                 row = dict(recipe=recipe, mode=mode, error=error)

@@ -5,6 +5,7 @@ import math
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,6 +130,40 @@ def test_each_row_is_saved_as_it_ends_and_a_failed_row_fails_the_run(tmp_path, m
     assert [row.get("error") for row in document["rows"]] == [
         None, "RuntimeError: compile failed", None]
     assert "RuntimeError: compile failed" in capsys.readouterr().err  # its traceback
+
+
+@pytest.mark.parametrize("eval_steps, fits", [(95, True), (96, False)])
+def test_no_end_to_end_loop_reaches_a_partial_batch(eval_steps, fits):
+    """fixed.py on a 16-core host: 10,000 test images make 156 full batches of 64 and one
+    of 16, another shape (a compile with --fast) that must stay out of the timed window.
+    With 15 workers the loop draws 30 warm-up batches, the timed ones, one that stops the
+    clock and 30 in the workers' hands."""
+    import bench
+    r = SimpleNamespace(args=SimpleNamespace(batch_size=64, workers=15),
+                        train_set=range(50_000), test_set=range(10_000))
+    steps = dict(train=120, eval=eval_steps)
+    if fits:
+        bench.check_full_batches(r, 30, steps)
+    else:
+        with pytest.raises(bench.TooManySteps, match="eval loop needs 157 full batches of "
+                           "64, and 10,000 images make 156: lower --steps or --workers"):
+            bench.check_full_batches(r, 30, steps)
+
+
+def test_too_many_steps_fail_the_row_in_one_line_before_any_timing(tmp_path):
+    """At --tiny's batch of 4, 10,000 test images make 2,500 full batches: --steps 2500
+    needs 2,502. The row fails in one line, without a traceback, before it measures."""
+    path = tmp_path / "bench.json"
+    done = run_script("bench.py", "--device", "cpu", "--tiny", "--only", "fixed:fast",
+                      "--steps", "2500", "--json", path, cwd=tmp_path, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    message = ("the end-to-end eval loop needs 2,502 full batches of 4, and 10,000 images "
+               "make 2,500: lower --steps or --workers")
+    assert [line for line in done.stderr.splitlines() if "error" in line] == [
+        f"fixed fast: error: {message}"], done.stderr
+    assert "img/s" not in done.stdout.split("written:")[0]  # no measurement line
+    row, = json.loads(path.read_text())["rows"]
+    assert row == dict(recipe="fixed", mode="fast", error=f"TooManySteps: {message}")
 
 
 def test_the_clock_times_the_steps_between_two_busy_moments(monkeypatch):
