@@ -37,10 +37,27 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 
-"$python" "$here/bug.py" --run-name bug "$@"
-"$python" "$here/fixed.py" --run-name unfreeze-only --image-size 1024 --batch-size 4 --lr 0.01 "$@"
-"$python" "$here/fixed.py" --run-name unfreeze-224px --batch-size 4 --lr 0.01 "$@"
-"$python" "$here/fixed.py" --run-name fixed "$@"
+# The user's flags for rung $1, but --resume only where that rung has a checkpoint: an
+# interrupted ladder, resumed, finishes its started rungs and starts the others.
+rung_flags() {
+    flags=()
+    local arg
+    for arg in ${args[@]+"${args[@]}"}; do
+        if [[ $arg != --resume || -e "$output_dir/$1.pth" ]]; then
+            flags+=("$arg")
+        fi
+    done
+}
+
+rung_flags bug
+"$python" "$here/bug.py" --run-name bug ${flags[@]+"${flags[@]}"}
+rung_flags unfreeze-only
+"$python" "$here/fixed.py" --run-name unfreeze-only --image-size 1024 --batch-size 4 --lr 0.01 \
+    ${flags[@]+"${flags[@]}"}
+rung_flags unfreeze-224px
+"$python" "$here/fixed.py" --run-name unfreeze-224px --batch-size 4 --lr 0.01 ${flags[@]+"${flags[@]}"}
+rung_flags fixed
+"$python" "$here/fixed.py" --run-name fixed ${flags[@]+"${flags[@]}"}
 
 "$python" "$here/compare.py" "$output_dir/bug.json" "$output_dir/unfreeze-only.json" \
     "$output_dir/unfreeze-224px.json" "$output_dir/fixed.json" --plot "$output_dir/ablation.png"

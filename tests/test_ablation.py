@@ -63,3 +63,18 @@ def test_a_rungs_own_setting_is_refused(tmp_path, flag, form):
     done, commands = ablation(tmp_path, *FLAGS, *argv)
     assert done.returncode == 2 and commands == []
     assert done.stderr.strip() == f"ablation.sh: error: {flag} is set per rung; leave it out"
+
+
+def test_resume_resumes_the_started_rungs_and_starts_the_others(tmp_path):
+    """A ladder interrupted in its second rung: --resume goes on the two rungs with a
+    checkpoint, not on the two without one (there it would be refused, and stop the ladder)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for rung in ("bug", "unfreeze-only"):
+        (out / f"{rung}.pth").write_bytes(b"")
+    done, commands = ablation(tmp_path, *FLAGS, "--output-dir", "out", "--resume")
+    assert done.returncode == 0, done.stderr
+    resumed = {command[command.index("--run-name") + 1]: "--resume" in command
+               for command in commands[:-1]}
+    assert resumed == {"bug": True, "unfreeze-only": True, "unfreeze-224px": False,
+                       "fixed": False}
