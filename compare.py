@@ -76,7 +76,7 @@ def summarize(run) -> dict:
         recipe += f" ({_count(updated)} in optimizer)"
     if run["status"] == "finished" and done >= config["epochs"]:
         progress = f"{done}/{config['epochs']}"
-    else:  # a killed process leaves "running" behind (only training.live_run probes it)
+    else:  # a killed process leaves "running" behind (only training.lock_holder can tell)
         label = {"running": "running/crashed", "finished": "stopped early"}.get(run["status"],
                                                                                 run["status"])
         progress = f"{done}/{config['epochs']} ({label})"

@@ -8,6 +8,7 @@ are theirs, used as given.
 """
 import argparse
 import collections
+import errno
 import importlib.util
 import json
 import math
@@ -16,10 +17,9 @@ import random
 import runpy
 import shlex
 import signal
-import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +33,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX locks, and a run's files are not guarded
+    fcntl = None
 
 NUM_CLASSES = 100
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
@@ -151,12 +156,12 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
         parser.error(f"--output-dir {args.output_dir}: is a file, not a directory")
     args.results_path = args.output_dir / f"{args.run_name}.json"
     args.checkpoint_path = args.output_dir / f"{args.run_name}.pth"
+    args.lock_path = args.output_dir / f".{args.run_name}.lock"
     if args.resume and args.overwrite:
         parser.error("--resume continues a run and --overwrite replaces it: pick one")
-    writer = live_run(args.results_path)
-    if writer is not None:  # two processes writing the same files would corrupt them
-        parser.error(f"{args.results_path}: a run is still writing it (process {writer}): "
-                     "stop it first, or pick another --run-name")
+    writer = lock_holder(args.lock_path)
+    if writer is not None:
+        parser.error(still_writing(args, writer))
     if args.resume and not args.checkpoint_path.exists():
         parser.error(f"--resume: no checkpoint {args.checkpoint_path} to resume from "
                      "(start the run without --resume)")
@@ -172,31 +177,77 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     return args
 
 
-def live_run(results_path):
-    """The process id of a run still writing `results_path` on this machine, or
-    None. A results file says "running" both while its run goes on and after its process
-    was killed outright (SIGKILL, a power cut); the process it records tells the two apart."""
-    try:
-        document = json.loads(results_path.read_text())
-        status, script, process = document["status"], document["script"], document["process"]
-        pid, host = process["pid"], process["host"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # no file, not a results file, or one written before "process" existed
-    if (status != "running" or host != socket.gethostname() or not isinstance(pid, int)
-            or pid <= 0 or pid == os.getpid() or os.name != "posix"):
-        return None  # (on Windows, os.kill(pid, 0) would end the process, not probe it)
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        pass  # alive, another user's
-    except (OSError, OverflowError):
+def lock_holder(lock_path):
+    """The process id of a run still writing the files of `lock_path`'s run, or None.
+    Only probes: creates nothing, holds nothing. A run holds its lock (take_run_lock)
+    until its process ends, however it ends: SIGKILL and power cuts included. (Probing
+    from the process that holds the lock would release it: closing any descriptor of a
+    file drops the process's POSIX locks on it. parse_args probes before run() takes it.)"""
+    if fcntl is None:
         return None
-    try:  # a process id reused since by something else
-        if f"{script}.py".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return None
+    try:
+        lock = os.open(lock_path, os.O_RDONLY)
     except OSError:
-        pass  # no /proc (macOS): the probe above has to do
-    return pid
+        return None  # no run has written here
+    try:
+        return None if try_lock(lock, fcntl.LOCK_SH) else read_holder(lock)
+    finally:
+        os.close(lock)  # and with it the probe's own lock, if it got one
+
+
+def take_run_lock(args):
+    """Make this process the one writer of the run's files, or stop if another run holds
+    them (one started with this one: parse_args refuses any later): two processes writing
+    the same files would splice two runs together. The lock is the kernel's, a POSIX
+    record lock: it goes with the process, whatever ends it, and data-loading workers,
+    forked, do not inherit it."""
+    if fcntl is None:
+        return None
+    lock = os.open(args.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not try_lock(lock, fcntl.LOCK_EX):
+        holder = read_holder(lock)
+        os.close(lock)
+        fail(still_writing(args, holder))
+    pid = f"{os.getpid()}\n".encode()  # for the refusal's message: over the last holder's
+    os.pwrite(lock, pid, 0)
+    os.ftruncate(lock, len(pid))
+    return lock  # held while it stays open
+
+
+@contextmanager
+def run_lock(args):
+    lock = take_run_lock(args)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)  # and with it the lock
+
+
+def try_lock(lock, kind):
+    """False if another process holds a conflicting lock; True if this one got it, or if
+    the file system has no locks (some network ones): there nothing can be guarded."""
+    try:
+        fcntl.lockf(lock, kind | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+    return True
+
+
+def read_holder(lock):
+    """The lock holder's process id, which it writes a moment after taking the lock."""
+    for _ in range(100):
+        text = os.pread(lock, 32, 0).decode(errors="replace")
+        if text.strip():
+            return text.split()[0]
+        time.sleep(0.01)
+    return "unknown"
+
+
+def still_writing(args, process):
+    return (f"{args.results_path}: a run is still writing it (process {process}): "
+            "stop it first, or pick another --run-name")
 
 
 def exit_before_training(signum, frame):
@@ -487,7 +538,6 @@ def atomic_write(path, write):
 
 def save_results(args, config, history, status):
     document = {"script": args.script, "run_name": args.run_name, "status": status,
-                "process": {"pid": os.getpid(), "host": socket.gethostname()},
                 "config": config, "epochs": history}
     atomic_write(args.results_path, lambda f: f.write(json.dumps(document, indent=2).encode()))
 
@@ -788,22 +838,24 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         print("--dummy: synthetic images; accuracy says nothing about CIFAR-100", flush=True)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    for path in (args.results_path, args.checkpoint_path):
-        temp_path(path).unlink(missing_ok=True)  # left by a killed run
-    if not args.resume:
-        # --overwrite: the old JSON goes first, so that it never sits beside the new run's
-        # checkpoint; then an epoch-0 checkpoint makes the run resumable at once.
-        args.results_path.unlink(missing_ok=True)
-        save_checkpoint(args, model, optimizer, config, history)
-    if len(history) >= args.epochs:
-        config["epochs"] = len(history)  # what it holds, not the lower --epochs asked for
-        save_results(args, config, history, "finished")
-        print(f"{args.checkpoint_path} already holds {len(history)} epochs; "
-              "raise --epochs to go on")
-        return
-    save_results(args, config, history, "running")
+    # From before the first write until the run ends, this process is the one writer of the
+    # run's files, and a Ctrl-C stops it at the next batch, never in the middle of a write.
+    with run_lock(args), StopFlag() as stop:
+        for path in (args.results_path, args.checkpoint_path):
+            temp_path(path).unlink(missing_ok=True)  # left by a killed run
+        if not args.resume:
+            # --overwrite: the old JSON goes first, so that it never sits beside the new run's
+            # checkpoint; then an epoch-0 checkpoint makes the run resumable at once.
+            args.results_path.unlink(missing_ok=True)
+            save_checkpoint(args, model, optimizer, config, history)
+        if len(history) >= args.epochs:
+            config["epochs"] = len(history)  # what it holds, not the lower --epochs asked for
+            save_results(args, config, history, "finished")
+            print(f"{args.checkpoint_path} already holds {len(history)} epochs; "
+                  "raise --epochs to go on")
+            return
+        save_results(args, config, history, "running")
 
-    with StopFlag() as stop:
         try:
             engine = Engine(args, model)
             train_loader = make_loader(train_set, args, train=True)
@@ -857,7 +909,7 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         except Exception:  # unexpected: recorded, then its traceback, which a bug report needs
             save_results(args, config, history, "failed")
             raise
-    save_results(args, config, history, "finished")
+        save_results(args, config, history, "finished")
     print(f"done: {args.results_path} and {args.checkpoint_path}")
 
 

@@ -22,6 +22,24 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+HOLD_LOCK = """import fcntl, os, sys, time
+lock = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(lock, fcntl.LOCK_EX)
+os.pwrite(lock, b"%d\\n" % os.getpid(), 0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_run_lock(path):
+    """A stand-in for a run going on: a process holding the run's lock file `path` as
+    training.take_run_lock does. Kill it to end the "run"."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
 @pytest.fixture(autouse=True)
 def in_an_empty_folder(tmp_path, monkeypatch):
     """Every test runs in its own empty folder, so that the default results/ and data/ are

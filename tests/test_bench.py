@@ -2,15 +2,12 @@
 and its refusals."""
 import json
 import math
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import hold_run_lock, run_script
 
 ROWS = {("bug", "default"), ("fixed", "default"), ("bug", "fast"), ("fixed", "fast")}
 RATES = ("model_train_images_per_second", "model_eval_images_per_second",
@@ -19,13 +16,12 @@ RATES = ("model_train_images_per_second", "model_eval_images_per_second",
 
 def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
     # results/ of the folder bench runs in holds a fixed.py run still going (a stand-in
-    # process): bench builds the scripts elsewhere, neither refused nor touching it.
+    # process holding its lock): bench builds the scripts elsewhere, neither refused nor
+    # touching it.
     results = tmp_path / "results"
     results.mkdir()
-    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "fixed.py"])
-    (results / "fixed.json").write_text(json.dumps(dict(
-        script="fixed", status="running",
-        process=dict(pid=running.pid, host=socket.gethostname()))))
+    (results / "fixed.json").write_text(json.dumps(dict(script="fixed", status="running")))
+    running = hold_run_lock(results / ".fixed.lock")
     path = tmp_path / "out" / "bench.json"  # a folder that does not exist yet
     try:
         done = run_script("bench.py", "--device", "cpu", "--tiny", "--only", "all", "--json",
@@ -34,7 +30,7 @@ def test_cpu_smoke_prints_the_table_and_writes_the_json(tmp_path):
     finally:
         running.kill()
         running.wait()
-    assert sorted(p.name for p in results.iterdir()) == ["fixed.json"]
+    assert sorted(p.name for p in results.iterdir()) == [".fixed.lock", "fixed.json"]
 
     document = json.loads(path.read_text())
     assert document["status"] == "finished"

@@ -5,7 +5,7 @@ unexpected error is injected in-process, where the loss function can be replaced
 What is checked: a resumed run ends bit-identical to an uninterrupted one; a SIGKILL at any
 moment (mid-write included) leaves only complete files, from which --resume finishes the
 run; SIGINT/SIGTERM stop cleanly with a working resume command, and a second process
-refuses the run's files while it goes on; every refusal to resume is one line and touches
+refuses the run's files while it goes on, or when both start together; every refusal to resume is one line and touches
 nothing, and the recipe check covers exactly the recipe's settings; a non-finite loss
 stops the run keeping its finished epochs, and so does an unexpected error.
 
@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import pytest
 import torch
 
 import training
-from conftest import REPO, TINY, run_script
+from conftest import REPO, TINY, hold_run_lock, run_script
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMING_KEYS = {"epoch_seconds", "train_images_per_second", "warmup_seconds"}
@@ -143,7 +142,7 @@ def complete_files(out, name="fixed"):
     (results document or None, checkpoint or None)."""
     document = checkpoint = None
     for path in sorted(out.iterdir()) if out.exists() else []:
-        if is_temp(path.name):
+        if is_temp(path.name) or path.name == f".{name}.lock":
             continue
         assert path.name in (f"{name}.json", f"{name}.pth"), f"unexpected file {path.name}"
         if path.suffix == ".json":
@@ -539,30 +538,45 @@ def test_signal_to_the_whole_process_group_with_workers(tmp_path, signum):
 
 
 def test_a_running_run_is_told_from_a_killed_one(tmp_path):
-    """live_run: "running" in a results file names a live writer only while its process,
-    on this host, still runs that script; the process killed, it names none."""
-    results = tmp_path / "fixed.json"
-
-    def writer(status="running", script="fixed", host=None, pid=None):
-        process = dict(pid=pid, host=host or socket.gethostname())
-        results.write_text(json.dumps(dict(script=script, status=status, process=process)))
-        return training.live_run(results)
-
-    # a stand-in for fixed.py: "fixed.py" is on its command line
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "fixed.py"])
+    """A run's lock names its process while that process lives, and goes with it, however
+    it ends (here SIGKILL), though the file stays. Probing creates and holds nothing."""
+    lock = tmp_path / ".fixed.lock"
+    assert training.lock_holder(lock) is None and not lock.exists()
+    args = SimpleNamespace(lock_path=lock, results_path=tmp_path / "fixed.json")
+    holder = hold_run_lock(lock)
     try:
-        assert writer(pid=alive.pid) == alive.pid
-        assert writer(pid=alive.pid, status="interrupted") is None
-        assert writer(pid=alive.pid, host="another-machine") is None
-        assert writer(pid=alive.pid, script="bug") is None  # the id reused by another program
-        assert writer(pid=os.getpid()) is None  # this very process (a restarted container)
+        assert training.lock_holder(lock) == str(holder.pid)
+        with pytest.raises(SystemExit) as refused:  # a second writer
+            training.take_run_lock(args)
+        assert f"still writing it (process {holder.pid})" in str(refused.value.code)
     finally:
-        alive.kill()
-        alive.wait()
-    assert writer(pid=alive.pid) is None  # killed outright: "running" left behind
-    results.write_text(json.dumps(dict(script="fixed", status="running")))  # no "process"
-    assert training.live_run(results) is None
-    assert training.live_run(tmp_path / "missing.json") is None
+        holder.kill()
+        holder.wait()
+    assert lock.exists() and training.lock_holder(lock) is None
+    os.close(training.take_run_lock(args))  # now free: this process takes it
+    assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_two_runs_started_together_one_writes_the_other_is_refused(tmp_path):
+    """Started at the same moment, both runs pass the command line's check (no lock is
+    held yet); the lock taken before the first write lets only one of them on. (Without
+    it, both wrote the same temp files, and one died mid-rename with a traceback.)"""
+    out = tmp_path / "out"
+    argv = tiny(out, "--epochs", "8")  # a few seconds of training: the two overlap
+    procs = [start_run(argv, tmp_path / f"logs{i}") for i in (0, 1)]
+    for proc in procs:
+        proc.wait(timeout=300)
+    codes = sorted(proc.returncode for proc in procs)
+    stderrs = [(tmp_path / f"logs{i}" / "stderr").read_text() for i in (0, 1)]
+    assert codes[0] == 0 and codes[1] in (1, 2), (codes, stderrs)
+    refused = stderrs[[proc.returncode for proc in procs].index(codes[1])]
+    winner = procs[[proc.returncode for proc in procs].index(0)]
+    assert "Traceback" not in refused, refused
+    lines = [line for line in refused.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"still writing it (process {winner.pid})" in lines[0], refused
+    document, checkpoint = complete_files(out)
+    assert document["status"] == "finished" and len(document["epochs"]) == 8
+    assert checkpoint["history"] == document["epochs"]
 
 
 # --------------------------------------------------------------------------- 4. refusals

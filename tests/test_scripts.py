@@ -399,7 +399,7 @@ def test_cli_end_to_end(build, capsys, tmp_path, script):
 
     # the same command again, without --overwrite: refused, nothing touched
     files = [out / f"{name}.json", out / f"{name}.pth"]
-    before = [stat(f) for f in files]
+    before, listing = [stat(f) for f in files], sorted(p.name for p in out.iterdir())
     if name == "bug":  # as a user sees it
         result = run_script(script, *flags, cwd=tmp_path, env=offline_env())
         assert result.returncode == 2
@@ -413,7 +413,7 @@ def test_cli_end_to_end(build, capsys, tmp_path, script):
         error = capsys.readouterr().err
     assert_one_line_error(error, script, "--overwrite", f"{name}.")
     assert [stat(f) for f in files] == before
-    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in files)
+    assert sorted(p.name for p in out.iterdir()) == listing  # (the files and the run's lock)
 
     if name == "bug":  # --overwrite replaces the run (once is enough: it is shared code)
         result = run_script(script, *flags, "--overwrite", cwd=tmp_path, env=offline_env())
