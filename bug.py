@@ -15,29 +15,33 @@ BATCH_SIZE = 4     # ROOT CAUSE 4: too small: noisy steps, BatchNorm statistics 
 LR = 0.01          # ROOT CAUSE 3: a little large for fine-tuning with Adam
 EPOCHS = 40
 
-args = training.parse_args(__file__, __doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
-                           image_size=IMAGE_SIZE)
+# The run, not on import: data-loading workers started by spawn (the default on macOS
+# and Windows) import this file again.
+if __name__ == "__main__":
+    args = training.parse_args(__file__, __doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
+                               image_size=IMAGE_SIZE)
 
-train_data, test_data = training.cifar100(args)  # the report's transforms, at args.image_size
+    train_data, test_data = training.cifar100(args)  # the report's transforms, at args.image_size
 
-model_transfer = training.efficientnet_b0(args)
-model_transfer._fc = nn.Linear(model_transfer._fc.in_features, 100)
-model_transfer = training.data_parallel(model_transfer, args.device)
+    model_transfer = training.efficientnet_b0(args)
+    model_transfer._fc = nn.Linear(model_transfer._fc.in_features, 100)
+    model_transfer = training.data_parallel(model_transfer, args.device)
 
-# ROOT CAUSE 1: every parameter without "bn" in its name is frozen, and then the new head
-# too: only BatchNorm's affine parameters still require grad...
-for name, param in model_transfer.module.named_parameters():
-    if("bn" not in name):
+    # ROOT CAUSE 1: every parameter without "bn" in its name is frozen, and then the new head
+    # too: only BatchNorm's affine parameters still require grad...
+    for name, param in model_transfer.module.named_parameters():
+        if("bn" not in name):
+            param.requires_grad = False
+
+    for param in model_transfer.module._fc.parameters():
         param.requires_grad = False
 
-for param in model_transfer.module._fc.parameters():
-    param.requires_grad = False
+    print(model_transfer.module._fc.in_features)
 
-print(model_transfer.module._fc.in_features)
+    criterion_transfer = nn.CrossEntropyLoss()
+    # ...and the optimizer holds only the frozen head: no parameter is ever updated.
+    optimizer_transfer = optim.Adam(model_transfer.module._fc.parameters(), lr=args.lr,
+                                    fused=args.fused)
 
-criterion_transfer = nn.CrossEntropyLoss()
-# ...and the optimizer holds only the frozen head: no parameter is ever updated.
-optimizer_transfer = optim.Adam(model_transfer.module._fc.parameters(), lr=args.lr,
-                                fused=args.fused)
-
-training.run(args, model_transfer, criterion_transfer, optimizer_transfer, train_data, test_data)
+    training.run(args, model_transfer, criterion_transfer, optimizer_transfer, train_data,
+                 test_data)

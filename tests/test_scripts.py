@@ -441,6 +441,22 @@ def test_bug_at_its_real_defaults(build, tmp_path):
         assert state[f"{name}.num_batches_tracked"].item() == 2
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_runs_with_workers_started_by_spawn(tmp_path, script):
+    """macOS and Windows start data-loading workers with spawn, which imports the script
+    again in each worker: there it must not run (it would refuse the run's own files, and
+    the worker would die). Spawn made the default here by a sitecustomize."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        'import multiprocessing\nmultiprocessing.set_start_method("spawn")\n')
+    result = run_script(script, *TINY, "--workers", "1", "--epochs", "1", "--output-dir", "out",
+                        cwd=tmp_path, env=offline_env(PYTHONPATH=site), timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    document = json.loads((tmp_path / "out" / f"{script[:-3]}.json").read_text())
+    assert document["status"] == "finished" and document["config"]["workers"] == 1
+
+
 # --------------------------------------------------------------------------- 7. bad input
 
 @pytest.fixture
