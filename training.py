@@ -162,19 +162,27 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     writer = lock_holder(args.lock_path)
     if writer is not None:
         parser.error(still_writing(args, writer))
-    if args.resume and not args.checkpoint_path.exists():
-        parser.error(f"--resume: no checkpoint {args.checkpoint_path} to resume from "
-                     "(start the run without --resume)")
-    existing = [p for p in (args.results_path, args.checkpoint_path) if p.exists()]
-    if existing and not (args.resume or args.overwrite):
-        parser.error(f"{existing[0]} holds an earlier run: pass --resume to continue it, "
-                     "--overwrite to replace it, or --run-name to keep both")
+    problem = run_files_problem(args)
+    if problem:
+        parser.error(problem)
     for signum in EXIT_SIGNAL:  # until the loop takes over (StopFlag): nothing to save yet
         signal.signal(signum, exit_before_training)
     args.pretrained = "none" if args.no_pretrained else "imagenet"
     # fused Adam is a CUDA kernel; None leaves PyTorch's own default, as in the report.
     args.fused = True if args.fast and args.device.type == "cuda" else None
     return args
+
+
+def run_files_problem(args):
+    """Why this run may not write its files as they are now, or None."""
+    if args.resume and not args.checkpoint_path.exists():
+        return (f"--resume: no checkpoint {args.checkpoint_path} to resume from "
+                "(start the run without --resume)")
+    existing = [p for p in (args.results_path, args.checkpoint_path) if p.exists()]
+    if existing and not (args.resume or args.overwrite):
+        return (f"{existing[0]} holds an earlier run: pass --resume to continue it, "
+                "--overwrite to replace it, or --run-name to keep both")
+    return None
 
 
 def lock_holder(lock_path):
@@ -203,8 +211,16 @@ def take_run_lock(args):
     forked, do not inherit it."""
     if fcntl is None:
         return None
-    lock = os.open(args.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    if not try_lock(lock, fcntl.LOCK_EX):
+    try:  # 0o666 less the umask: in a folder shared by a group, the group's runs too
+        lock = os.open(args.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        fail(f"cannot lock {args.lock_path}: {error.strerror}")
+    # A probe (lock_holder) holds the lock for an instant: a run refuses only a lasting one.
+    for _ in range(100):
+        if try_lock(lock, fcntl.LOCK_EX):
+            break
+        time.sleep(0.01)
+    else:
         holder = read_holder(lock)
         os.close(lock)
         fail(still_writing(args, holder))
@@ -826,6 +842,7 @@ def run(args, model, criterion, optimizer, train_set, test_set):
         limit_train_batches=args.limit_train_batches, limit_eval_batches=args.limit_eval_batches)
     history = []
     if args.resume:
+        loaded = args.checkpoint_path.stat().st_mtime_ns
         state = load_checkpoint(args, config)
         model.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -841,6 +858,12 @@ def run(args, model, criterion, optimizer, train_set, test_set):
     # From before the first write until the run ends, this process is the one writer of the
     # run's files, and a Ctrl-C stops it at the next batch, never in the middle of a write.
     with run_lock(args), StopFlag() as stop:
+        # Again, now that no other run can write them: one may have ended since parse_args.
+        problem = run_files_problem(args)
+        if not problem and args.resume and args.checkpoint_path.stat().st_mtime_ns != loaded:
+            problem = f"{args.checkpoint_path} changed while this run started: run it again"
+        if problem:
+            fail(problem)
         for path in (args.results_path, args.checkpoint_path):
             temp_path(path).unlink(missing_ok=True)  # left by a killed run
         if not args.resume:

@@ -557,6 +557,42 @@ def test_a_running_run_is_told_from_a_killed_one(tmp_path):
     assert lock.read_text() == f"{os.getpid()}\n"
 
 
+@pytest.mark.parametrize("what", ["plain", "resume"])
+def test_files_written_while_a_run_starts_are_checked_again_under_its_lock(build, tmp_path,
+                                                                           monkeypatch, what):
+    """A run checks the output folder on its command line, loads data and model (and, with
+    --resume, the checkpoint), then takes the lock. Another run may have written the folder
+    in between, and ended: under the lock the checks are made again, so a plain run still
+    never replaces an earlier run, and --resume never goes on from an older checkpoint
+    than the one on disk."""
+    out = tmp_path / "out"
+    if what == "resume":
+        ok(run(*tiny(out, "--epochs", "1")))
+    built = build("fixed.py", *tiny(out, "--epochs", "2",
+                                    *(["--resume"] if what == "resume" else [])))
+    if what == "plain":  # another run, ended meanwhile
+        out.mkdir()
+        (out / "fixed.json").write_text("{}")
+        message = "holds an earlier run"
+    else:  # another --resume wrote its next epoch just after this one loaded the checkpoint
+        load_checkpoint = training.load_checkpoint
+
+        def load_then_another_run_writes(args, config):
+            state = load_checkpoint(args, config)
+            stat = args.checkpoint_path.stat()
+            os.utime(args.checkpoint_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**6))
+            return state
+
+        monkeypatch.setattr(training, "load_checkpoint", load_then_another_run_writes)
+        message = "changed while this run started: run it again"
+    before = {name: data for name, data in snapshot(out).items() if name != ".fixed.lock"}
+    with pytest.raises(SystemExit) as refused:
+        training.run(built.args, built.model, built.criterion, built.optimizer,
+                     built.train_set, built.test_set)
+    assert message in str(refused.value.code), refused.value.code
+    assert {name: data for name, data in snapshot(out).items() if name != ".fixed.lock"} == before
+
+
 def test_two_runs_started_together_one_writes_the_other_is_refused(tmp_path):
     """Started at the same moment, both runs pass the command line's check (no lock is
     held yet); the lock taken before the first write lets only one of them on. (Without
