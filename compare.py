@@ -93,6 +93,8 @@ def summarize(run) -> dict:
         "seconds_per_epoch": _median([e["epoch_seconds"] for e in epochs]),
         "images_per_second": _median([e["train_images_per_second"] for e in epochs]),
         "peak_memory_gib": max(memories) if memories else None,
+        # --fast where it compiled (its epochs say warmup_seconds): reserved memory
+        "memory_reserved": bool(memories) and any("warmup_seconds" in e for e in epochs),
         "history": {e["epoch"]: (e["test_acc"], e["train_loss"], e["test_loss"]) for e in epochs},
     }
 
@@ -164,6 +166,11 @@ def format_table(summaries, per_epoch=False) -> str:
         parts.append(_epoch_table(summaries))
     if any(s["dummy"] for s in summaries):
         parts.append(DUMMY_NOTE)
+    reserved = [s["name"] for s in summaries if s["memory_reserved"]]
+    if reserved:
+        parts.append(f"note: peak GiB of {', '.join(reserved)} is reserved memory (--fast's "
+                     "CUDA graphs keep their tensors in a pool not counted as allocated); "
+                     "the other runs' is allocated")
     devices = sorted({s["device"] for s in summaries})
     if len(devices) > 1:
         parts.append(f"note: runs used different devices ({', '.join(devices)}); "

@@ -109,6 +109,21 @@ def test_ratios_against_first_run(runs, capsys):
     assert ratios["smoke*"]["s/epoch"] == "0.0033x"  # 2/610: tiny ratios must not print as 0
 
 
+def test_a_compiled_fast_runs_memory_is_said_to_be_reserved(runs, tmp_path, capsys):
+    """--fast's compiled runs report reserved GPU memory (CUDA graphs' pool), the others
+    allocated: the table says which runs are which."""
+    fast = write_run(tmp_path, "fast", FIXED_EPOCHS)
+    document = json.loads(fast.read_text())
+    for entry in document["epochs"]:
+        entry["warmup_seconds"] = 90.0 if entry["epoch"] == 1 else 0.0
+    fast.write_text(json.dumps(document))
+    compare.main([str(runs[0]), str(fast)])
+    out = capsys.readouterr().out
+    assert "note: peak GiB of fast is reserved memory" in out
+    compare.main([str(runs[0]), str(runs[1])])
+    assert "reserved" not in capsys.readouterr().out
+
+
 def test_single_run_has_no_ratios_or_notes(runs, capsys):
     assert compare.main([str(runs[0])]) == 0
     out = capsys.readouterr().out
