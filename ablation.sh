@@ -14,6 +14,13 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+for arg in "$@"; do  # the header above is the help; the scripts' own: python fixed.py --help
+    if [[ $arg == -h || $arg == --help ]]; then
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+    fi
+done
 python="${PYTHON:-python}"
 
 # Find --output-dir the way argparse will (last one wins) so compare.py reads the same files.

@@ -15,12 +15,9 @@ BATCH_SIZE = 4     # ROOT CAUSE 4: too small: noisy steps, BatchNorm statistics 
 LR = 0.01          # ROOT CAUSE 3: a little large for fine-tuning with Adam
 EPOCHS = 40
 
-# The run, not on import: data-loading workers started by spawn (the default on macOS
-# and Windows) import this file again.
-if __name__ == "__main__":
-    args = training.parse_args(__file__, __doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
-                               image_size=IMAGE_SIZE)
 
+def build(args):
+    """The report's data, model, loss and optimizer: what training.run trains."""
     train_data, test_data = training.cifar100(args)  # the report's transforms, at args.image_size
 
     model_transfer = training.efficientnet_b0(args)
@@ -42,6 +39,10 @@ if __name__ == "__main__":
     # ...and the optimizer holds only the frozen head: no parameter is ever updated.
     optimizer_transfer = optim.Adam(model_transfer.module._fc.parameters(), lr=args.lr,
                                     fused=args.fused)
+    return model_transfer, criterion_transfer, optimizer_transfer, train_data, test_data
 
-    training.run(args, model_transfer, criterion_transfer, optimizer_transfer, train_data,
-                 test_data)
+
+if __name__ == "__main__":
+    with training.command_line(__file__, __doc__, epochs=EPOCHS, batch_size=BATCH_SIZE,
+                               lr=LR, image_size=IMAGE_SIZE) as args:
+        training.run(args, *build(args))

@@ -1,7 +1,8 @@
-"""Compare training runs side by side from their results JSON files (results/<run>.json,
-written by bug.py and fixed.py after every epoch): one table of recipe, progress, accuracy,
-loss, speed and memory per run, then each run's ratios against the first run. Partial,
-CPU and --dummy runs are fine, as are runs with no finished epoch yet; --epochs adds the per-epoch history, --plot draws a figure."""
+"""Compare training runs side by side from their results files (results/NAME.json, written
+by bug.py and fixed.py after every epoch): one table of recipe, progress, accuracy, loss,
+speed and memory per run, then each run's ratios against the first. Runs in progress,
+interrupted, on the CPU or on --dummy data are fine; --epochs adds the per-epoch history,
+--plot draws a figure."""
 import argparse
 import json
 import math
@@ -9,37 +10,19 @@ import statistics
 import sys
 from pathlib import Path
 
-NUMBER = (int, float)
-# Only the fields this script reads are checked; extra keys are allowed in both places.
-TOP_FIELDS = {"run_name": str, "status": str, "config": dict, "epochs": list}
-CONFIG_FIELDS = {"image_size": int, "batch_size": int, "lr": NUMBER, "epochs": int,
-                 "total_params": int, "trainable_params": int}
-EPOCH_FIELDS = {"epoch": int, "train_loss": NUMBER, "test_loss": NUMBER, "test_acc": NUMBER,
-                "epoch_seconds": NUMBER, "train_images_per_second": NUMBER,
-                "peak_gpu_memory_gib": NUMBER + (type(None),)}
-_KIND_NAMES = {int: "an integer", NUMBER: "a number", NUMBER + (type(None),): "a number or null",
-               str: "a string", dict: "an object", list: "a list"}
+import schema
+
 NO_EPOCH = "no epoch yet"
 DUMMY_NOTE = "* dummy run: synthetic data, accuracy only says whether the model can learn at all"
+PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
 class RunFileError(Exception):
     """A results file that cannot be compared; the message names the file and the problem."""
 
 
-def _check_fields(mapping, fields, where, path):
-    for key, types in fields.items():
-        if key not in mapping:
-            raise RunFileError(f"{path}: not a results file: {where} has no {key!r}")
-        value = mapping[key]
-        # bool is an int subclass, but true/false in a numeric field means a malformed file
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise RunFileError(f"{path}: not a results file: {where} {key!r} is "
-                               f"{json.dumps(value)[:40]}, expected {_KIND_NAMES[types]}")
-
-
 def load_run(path) -> dict:
-    """Read and validate one results file; raises RunFileError with a one-line reason."""
+    """Read and validate one results file (schema.py); raises RunFileError in one line."""
     try:
         run = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -48,14 +31,12 @@ def load_run(path) -> dict:
         raise RunFileError(f"{path}: cannot read: {error}") from None
     except json.JSONDecodeError as error:
         raise RunFileError(f"{path}: not JSON ({error})") from None
-    if not isinstance(run, dict):
-        raise RunFileError(f"{path}: not a results file: top level is not an object")
-    _check_fields(run, TOP_FIELDS, "the top level", path)
-    _check_fields(run["config"], CONFIG_FIELDS, "config", path)
-    for index, entry in enumerate(run["epochs"]):
-        if not isinstance(entry, dict):
-            raise RunFileError(f"{path}: not a results file: epochs[{index}] is not an object")
-        _check_fields(entry, EPOCH_FIELDS, f"epochs[{index}]", path)
+    problem = (schema.problem(run, schema.RESULTS, "the top level")
+               or schema.problem(run["config"], schema.CONFIG, "config")
+               or next(filter(None, (schema.problem(entry, schema.EPOCH, f"epochs[{i}]")
+                                     for i, entry in enumerate(run["epochs"]))), None))
+    if problem:
+        raise RunFileError(f"{path}: not a results file: {problem}")
     return run
 
 
@@ -76,7 +57,7 @@ def summarize(run) -> dict:
         recipe += f" ({_count(updated)} in optimizer)"
     if run["status"] == "finished" and done >= config["epochs"]:
         progress = f"{done}/{config['epochs']}"
-    else:  # a killed process leaves "running" behind (only training.lock_holder can tell)
+    else:  # a killed process leaves "running" behind
         label = {"running": "running/crashed", "finished": "stopped early"}.get(run["status"],
                                                                                 run["status"])
         progress = f"{done}/{config['epochs']} ({label})"
@@ -93,8 +74,9 @@ def summarize(run) -> dict:
         "seconds_per_epoch": _median([e["epoch_seconds"] for e in epochs]),
         "images_per_second": _median([e["train_images_per_second"] for e in epochs]),
         "peak_memory_gib": max(memories) if memories else None,
-        # --fast where it compiled (its epochs say warmup_seconds): reserved memory
-        "memory_reserved": bool(memories) and any("warmup_seconds" in e for e in epochs),
+        # --fast where it compiled (its epochs have a warm-up): reserved memory
+        "memory_reserved": bool(memories) and any(e["warmup_seconds"] is not None
+                                                  for e in epochs),
         "history": {e["epoch"]: (e["test_acc"], e["train_loss"], e["test_loss"]) for e in epochs},
     }
 
@@ -241,7 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", action="store_true",
                         help="also print the per-epoch history side by side")
     parser.add_argument("--plot", metavar="PATH.png",
-                        help="write a figure of the runs to this file (format from the suffix)")
+                        help="write a figure of the runs to this file (.png, .pdf or .svg)")
     args = parser.parse_args(argv)
     try:
         summaries = [summarize(load_run(path)) for path in args.runs]
@@ -250,6 +232,10 @@ def main(argv=None) -> int:
         return 2
     print(format_table(summaries, per_epoch=args.epochs))
     if args.plot:
+        if Path(args.plot).suffix.lower() not in PLOT_FORMATS or Path(args.plot).is_dir():
+            print(f"{parser.prog}: error: --plot {args.plot}: name a file ending in "
+                  f"{', '.join(PLOT_FORMATS)}", file=sys.stderr)
+            return 2
         try:
             plot(summaries, args.plot)
         except (OSError, ValueError) as error:  # missing folder, unknown image format

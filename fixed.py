@@ -14,24 +14,25 @@ BATCH_SIZE = 64    # FIX 4
 LR = 0.005         # FIX 3
 EPOCHS = 40
 
-# The run, not on import: data-loading workers started by spawn (the default on macOS
-# and Windows) import this file again.
-if __name__ == "__main__":
-    args = training.parse_args(__file__, __doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
-                               image_size=IMAGE_SIZE)
 
+def build(args):
+    """The report's data, model, loss and optimizer: what training.run trains."""
     train_data, test_data = training.cifar100(args)  # the report's transforms, at args.image_size
 
     model_transfer = training.efficientnet_b0(args)
     model_transfer._fc = nn.Linear(model_transfer._fc.in_features, 100)
     model_transfer = training.data_parallel(model_transfer, args.device)
 
-    # FIX 1: nothing is frozen, and the optimizer gets every parameter.
     print(model_transfer.module._fc.in_features)
 
     criterion_transfer = nn.CrossEntropyLoss()
+    # FIX 1: nothing is frozen, and the optimizer gets every parameter.
     optimizer_transfer = optim.Adam(model_transfer.parameters(), lr=args.lr,
                                     fused=args.fused)
+    return model_transfer, criterion_transfer, optimizer_transfer, train_data, test_data
 
-    training.run(args, model_transfer, criterion_transfer, optimizer_transfer, train_data,
-                 test_data)
+
+if __name__ == "__main__":
+    with training.command_line(__file__, __doc__, epochs=EPOCHS, batch_size=BATCH_SIZE,
+                               lr=LR, image_size=IMAGE_SIZE) as args:
+        training.run(args, *build(args))

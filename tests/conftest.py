@@ -1,54 +1,56 @@
 """Shared test helpers: run a script as a user would (a subprocess), or build what a script
 builds (its args, model, optimizer, data) in-process, without training."""
+import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import training
 
 REPO = Path(__file__).resolve().parents[1]
+# One thread per process: the suite runs processes side by side on CI's 2 cores, and all
+# share the same numerics.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-# A run small enough for a 2-core CPU: synthetic data, random weights, tiny images.
+# A run small enough for a 2-core CPU: synthetic data, random weights, small images.
 TINY = ["--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0",
         "--image-size", "32", "--batch-size", "4",
         "--limit-train-batches", "2", "--limit-eval-batches", "1"]
 
 
-def run_script(script, *args, cwd=None, env=None, timeout=600):
-    """Run `python SCRIPT ARGS...` from the repo and return the CompletedProcess."""
+def run_script(script, *args, cwd=None, env=None, timeout=300):
+    """Run `python SCRIPT ARGS...` and return the CompletedProcess."""
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
-HOLD_LOCK = """import fcntl, os, sys, time
-lock = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.lockf(lock, fcntl.LOCK_EX)
-os.pwrite(lock, b"%d\\n" % os.getpid(), 0)
-print("held", flush=True)
-time.sleep(600)
-"""
+def build(script, *argv):
+    """What `python SCRIPT ARGV` would train, untrained, from the script's own build():
+    SimpleNamespace(args, model, criterion, optimizer, train_data, test_data)."""
+    module = importlib.import_module(Path(script).stem)
+    args = training.parse_args(module.__file__, module.__doc__, epochs=module.EPOCHS,
+                               batch_size=module.BATCH_SIZE, lr=module.LR,
+                               image_size=module.IMAGE_SIZE, argv=[str(a) for a in argv])
+    model, criterion, optimizer, train_data, test_data = module.build(args)
+    return SimpleNamespace(args=args, model=model, criterion=criterion, optimizer=optimizer,
+                           train_data=train_data, test_data=test_data)
 
 
-def hold_run_lock(path):
-    """A stand-in for a run going on: a process holding the run's lock file `path` as
-    training.take_run_lock does. Kill it to end the "run"."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)],
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
-    return holder
+def one_error_line(proc, status):
+    """Exit `status`, exactly one stderr line holding "error:", no traceback; returns it."""
+    assert proc.returncode == status, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
 
 
 @pytest.fixture(autouse=True)
 def in_an_empty_folder(tmp_path, monkeypatch):
     """Every test runs in its own empty folder, so that the default results/ and data/ are
-    never those of the checkout: a user's own runs there are neither refused over nor
-    touched."""
+    never those of the checkout."""
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def build():
-    """build("bug.py", *argv): what the script would train (training.build)."""
-    return lambda script, *argv: training.build(REPO / script, argv)

@@ -1,14 +1,14 @@
 """ablation.sh: the ladder's five commands, in order, each rung with its own recipe, run by
 a stand-in interpreter (PYTHON) that only records its command line; then each recorded
-training command is built for real (training.build) to check what it would train."""
+training command is built for real (the script's own build()) to check what it would train."""
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-import training
-from conftest import REPO
+from conftest import REPO, build
+from training.model import count_params
 
 FLAGS = ["--dummy", "--device", "cpu", "--no-pretrained", "--epochs", "2"]
 # rung: (image size, batch size, lr, parameters the optimizer updates)
@@ -34,7 +34,7 @@ def ablation(tmp_path, *argv):
     return done, [line.rstrip("\0").split("\0") for line in lines]
 
 
-def test_the_ladder_changes_one_thing_per_rung(tmp_path, build):
+def test_the_ladder_changes_one_thing_per_rung(tmp_path):
     done, commands = ablation(tmp_path, *FLAGS, "--output-dir", "out")
     assert done.returncode == 0, done.stderr
     *runs, compare = commands
@@ -44,7 +44,7 @@ def test_the_ladder_changes_one_thing_per_rung(tmp_path, build):
         built = build(command[0], *command[1:])
         assert built.args.run_name == rung
         assert (built.args.image_size, built.args.batch_size, built.args.lr) == (size, batch, lr)
-        assert training.count_params(built.model, built.optimizer)["updated_params"] == updated
+        assert count_params(built.model, built.optimizer)["updated_params"] == updated
     assert Path(compare[0]).name == "compare.py"
     assert compare[1:] == [f"out/{rung}.json" for rung in LADDER] + ["--plot", "out/ablation.png"]
 
@@ -78,3 +78,9 @@ def test_resume_resumes_the_started_rungs_and_starts_the_others(tmp_path):
                for command in commands[:-1]}
     assert resumed == {"bug": True, "unfreeze-only": True, "unfreeze-224px": False,
                        "fixed": False}
+
+
+def test_help_shows_the_ladder_and_runs_nothing(tmp_path):
+    done, commands = ablation(tmp_path, "--help")
+    assert done.returncode == 0 and commands == []
+    assert "unfreeze-224px" in done.stdout and "--output-dir" in done.stdout

@@ -1,12 +1,23 @@
-"""bug.py and fixed.py: what each builds (the frozen model, the optimizer, the transforms,
-the data and the weights), what a few training steps do to it, the command line end to end,
-and a clear one-line error for every bad input and missing resource. CPU only, no network."""
+"""bug.py and fixed.py as their user meets them, on the CPU and offline; mostly in this process, on
+a tiny CIFAR-100 in ./data (fixture `cifar`): --dummy's 50,000 images take 4 s and 4 GB to make."""
+import ast
+import difflib
+import hashlib
+import importlib
+import io
+import itertools
 import json
-import math
-import os
 import pickle
+import re
+import runpy
+import shlex
 import shutil
+import subprocess
+import sys
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,563 +27,372 @@ from efficientnet_pytorch import EfficientNet
 from torchvision import datasets, transforms
 
 import training
-from conftest import TINY, run_script
+from conftest import ENV, REPO, TINY, build, one_error_line, run_script
 
-TOTAL_B0_100 = 4_135_648   # EfficientNet-b0 with a 100-class head
-BN_AFFINE_B0 = 42_016      # its BatchNorm weights and biases
-WEIGHTS_FILE = "efficientnet-b0-355c32eb.pth"
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-NO_NETWORK = {k: "http://127.0.0.1:9" for k in ("https_proxy", "HTTPS_PROXY", "http_proxy",
-                                                 "HTTP_PROXY")}
 SCRIPTS = ["bug.py", "fixed.py"]
+B0_100, BN_AFFINE = 4_135_648, 42_016  # b0 with a 100-class head; its BatchNorm weights, biases
+PROXIES = {**dict.fromkeys(["https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"],
+                           "http://127.0.0.1:9"), "no_proxy": "", "NO_PROXY": ""}  # no network
+OFFLINE = {**ENV, **PROXIES}
+SMALL = [a for a in TINY if a != "--dummy"]  # TINY, on the `cifar` fixture's data
+PRETRAINED = [a for a in SMALL if a != "--no-pretrained"]
+TRAIN_N, TEST_N = 12, 8
+ARCHIVE, WEIGHTS = training.data.CIFAR_ARCHIVE, training.model.WEIGHTS_FILE
 
 
-def tiny(out):
-    return [*TINY, "--output-dir", out]
+@pytest.mark.parametrize("script, size, batch, lr, trainable, updated", [
+    ("bug.py", 1024, 4, 0.01, BN_AFFINE, 0), ("fixed.py", 224, 64, 0.005, B0_100, B0_100)],
+    ids=SCRIPTS)
+def test_what_each_script_freezes_optimizes_and_changes(cifar, script, size, batch, lr,
+                                                        trainable, updated):
+    """bug.py trains BN affine only, Adam holds the frozen head: no parameter moves; fixed: all."""
+    m = importlib.import_module(script.removesuffix(".py"))  # parsed as its __main__ does
+    defaults = training.parse_args(m.__file__, m.__doc__, argv=["--device", "cpu"], epochs=m.EPOCHS,
+                                   batch_size=m.BATCH_SIZE, lr=m.LR, image_size=m.IMAGE_SIZE)
+    assert (defaults.image_size, defaults.batch_size, defaults.lr) == (size, batch, lr)
+    b, bug = build(script, *SMALL), script == "bug.py"
+    net, held = b.model.module, [p for g in b.optimizer.param_groups for p in g["params"]]
+    assert type(b.optimizer) is torch.optim.Adam and b.optimizer.param_groups[0]["lr"] == lr
+    assert training.model.count_params(b.model, b.optimizer) == dict(
+        total_params=B0_100, trainable_params=trainable, updated_params=updated)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    bn_affine = {f"{name}.{p}" for name, layer in net.named_modules()
+                 if isinstance(layer, nn.BatchNorm2d) for p in ("weight", "bias")}
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == (
+        bn_affine if bug else set(before))
+    in_adam = [net._fc.weight, net._fc.bias] if bug else net.parameters()
+    assert sorted(map(id, held)) == sorted(map(id, in_adam))
+    stats = {n: t.clone() for n, t in net.named_buffers() if "running" in n}
+    meter = training.train(b.model, training.data.batches(b.train_data, b.args, train=True),
+                           b.criterion, b.optimizer, 1, b.args)
+    assert meter.images == 8  # --limit-train-batches 2 of 4
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == (set() if bug else set(before))
+    assert all(not torch.equal(t, stats[n]) for n, t in net.named_buffers() if n in stats)
+    # fixed: every layer is on the path to the loss (dropout zeroes samples, never a tensor)
+    assert bug or all(p.grad is not None and p.grad.any() for p in net.parameters())
 
 
-def offline_env(**extra):
-    env = dict(os.environ, **NO_NETWORK, **{k: str(v) for k, v in extra.items()})
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
+@pytest.mark.parametrize("size", [64, 224])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_default_batches_are_the_reports_torchvision_pipeline(cifar, script, size):
+    """Workers 0 and 2 alike: the report's pipeline bit for bit; test in order, train reshuffled."""
+    b = build(script, "--device", "cpu", "--no-pretrained", "--workers", "0",
+              "--image-size", size, "--batch-size", "4")
+    views, expected, orders = {True: b.train_data, False: b.test_data}, {}, {}
+    for (train, view), epoch in itertools.product(views.items(), (1, 2)):  # written out again
+        augment = [transforms.RandomHorizontalFlip(), transforms.RandomRotation(10)] * train
+        report = transforms.Compose([
+            transforms.Resize((size, size)), *augment, transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+        for index in range(len(view)):
+            with torch.random.fork_rng(devices=[]):  # seeded as SeededView seeds it, --seed 0
+                torch.default_generator.manual_seed(training.data.mix_seed(0, epoch, index))
+                image, label = view.images[index]
+                expected[train, epoch, index] = report(image), label
+    for workers, (train, view) in itertools.product((0, 2), views.items()):
+        args = SimpleNamespace(**{**vars(b.args), "workers": workers})
+        batches = training.data.batches(view, args, train)
+        for epoch in (1, 2):
+            batches.set_epoch(epoch)
+            orders[workers, train, epoch] = order = []
+            for images, labels in batches:
+                assert images.dtype == torch.float32 and images.shape[1:] == (3, size, size)
+                for image, label in zip(images, labels.tolist()):  # bit-identical to one image
+                    [i] = [i for i in range(len(view))
+                           if torch.equal(image, expected[train, epoch, i][0])]
+                    assert label == expected[train, epoch, i][1]
+                    order.append(i)
+        del batches  # ends its persistent workers
+    assert orders[0, False, 1] == orders[0, False, 2] == list(range(TEST_N))
+    assert sorted(orders[0, True, 1]) == sorted(orders[0, True, 2]) == list(range(TRAIN_N))
+    assert list(range(TRAIN_N)) != orders[0, True, 1] != orders[0, True, 2]  # shuffled anew
+    assert all(orders[2, train, epoch] == orders[0, train, epoch] for _, train, epoch in orders)
 
 
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if "error:" in line]
+@pytest.mark.parametrize("on_disk", [True, False], ids=["on-disk", "downloaded"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_real_cifar100_is_read_or_downloaded(cifar, monkeypatch, script, on_disk):
+    """The views hold the files' pixels and labels; a missing set is fetched once from CIFAR_URL."""
+    fetched = []  # torchvision's download_url, stubbed: it writes the archive
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", lambda url, root, name, *_, **__:
+                        (fetched.append(url), (Path(root) / name).write_bytes(cifar.archive)))
+    if not on_disk:
+        shutil.rmtree(cifar.folder)
+    b = build(script, *SMALL)
+    assert fetched == ([] if on_disk else [training.data.CIFAR_URL])
+    for view, (pixels, labels) in ((b.train_data, cifar.train), (b.test_data, cifar.test)):
+        assert len(view) == len(labels)
+        assert np.array_equal(view.images.data, pixels) and view.images.targets == labels
+    item, label = b.test_data[(1, 3)]  # at 32 px the test transforms keep the pixels
+    assert torch.equal(item.permute(1, 2, 0), torch.from_numpy(cifar.test[0][3]))
+    assert label == cifar.test[1][3]
 
 
-def assert_one_line_error(stderr, script, *fragments):
-    """Exactly one `SCRIPT: error: ...` line holding every fragment, and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = error_lines(stderr)
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"{script}: error: "), lines[0]
-    for fragment in fragments:
-        assert str(fragment) in lines[0], (fragment, lines[0])
-    return lines[0]
+def test_weights_file_is_the_backbone_and_the_seed_draws_the_head(cifar):
+    """--weights PATH: the backbone is the file's; the new head depends on --seed alone."""
+    state, heads = save_b0("b0.pth"), []
+    for seed, global_seed in ((0, 1), (0, 2), (1, 1)):
+        torch.manual_seed(global_seed)
+        built = build("fixed.py", *PRETRAINED, "--seed", seed,
+                      "--weights", "b0.pth").model.module.state_dict()
+        assert all(torch.equal(built[k], v) for k, v in state.items() if not k.startswith("_fc"))
+        assert built["_fc.weight"].shape == (100, 1280)
+        heads.append(built["_fc.weight"])
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
 
 
-def params(model):
-    return {name: p.detach().clone() for name, p in model.module.named_parameters()}
+@pytest.mark.parametrize("make, words", [  # how --weights W is made, what the line says
+    (lambda: Path("w").mkdir(), "is a directory"),
+    (lambda: Path("w").write_text("not weights\n"), "not a PyTorch state dict"),
+    (lambda: torch.save(nn.Linear(3, 2).state_dict(), "w"), "not an EfficientNet-b0"),
+    (lambda: torch.save({**save_b0("w"), "_conv_stem.weight": torch.zeros(16, 3, 3, 3)}, "w"),
+     "_conv_stem.weight is (16, 3, 3, 3), expected (32, 3, 3, 3)"),
+    (lambda: torch.save({"model": save_b0("w"), "optimizer": {}, "history": []}, "w"),
+     "checkpoint of a run")],
+    ids=["a directory", "a text file", "another model", "b0, other shapes", "a run checkpoint"])
+def test_weights_that_are_not_b0s_are_refused(cifar, monkeypatch, capsys, make, words):
+    """fixed.py --weights W: exit 2 and one line saying what W is; nothing built or written."""
+    make()
+    proc = run_here("fixed.py", *PRETRAINED, "--weights", "w", "--output-dir", "out",
+                    monkeypatch=monkeypatch, capsys=capsys)
+    line = one_error_line(proc, 2)
+    assert line.startswith("fixed.py: error: --weights w: ") and words in line
+    assert "parameters require grad" not in proc.stdout and not Path("out").exists()
 
 
-def bn_modules(model):
-    return {name: m for name, m in model.module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+REFUSED = [  # argv (after --device cpu --output-dir out), what the one error line says
+    ("--epochs 0", "--epochs: must be a positive number, not 0"),
+    ("--batch-size 0", "--batch-size: must be a positive number, not 0"),
+    *((f"--lr {v}", f"--lr: must be a positive number, not {v}") for v in ("0", "nan", "inf")),
+    ("--lr 1e38", "--lr 1e+38: must be at most 1000"),
+    *((f"--image-size {v}", f"--image-size {v}: must be 32 to 2048") for v in (16, 4096)),
+    ("--batch-size 1 --image-size 32", "--batch-size 1", "BatchNorm at 32 px"),
+    ("--batch-size 60000", "--batch-size 60000: more than the 50,000 training images"),
+    ("--workers -1", "--workers: must be 0 or more"), ("--seed -1", "--seed: must be 0 or more"),
+    ("--workers 100000", "--workers 100000: must be at most 64"),
+    (f"--seed {2**63}", f"--seed {2**63}: must be below 2**63"),
+    ("--device tpu", "--device tpu", "use cuda, cuda:N or cpu"),
+    ("--device cuda", "CUDA is not available", "--device cpu", "--no-pretrained"),
+    *((f"--run-name {shlex.quote(name)}", f"--run-name {name!r}: must be a plain file name")
+      for name in ("a/b", ".hidden", "")),
+    ("--run-name " + "x" * 300, "--run-name: too long for a file name"),
+    ("--output-dir a_file/out", "--output-dir a_file/out: a_file is a file"),
+    ("--output-dir /proc/out", "--output-dir /proc/out: cannot be created in /proc"),
+    ("--data-dir a_file", "--data-dir a_file: a_file is a file"),
+    ("--weights a_file --no-pretrained", "--weights and --no-pretrained contradict"),
+    ("--resume --overwrite", "--resume continues a run and --overwrite replaces it"),
+    ("--output-dir earlier", "earlier/fixed.json holds an earlier run", "--overwrite")]
 
 
-def report_pipeline(size, train):
-    """The report's transforms, written out again: what the views must match bit for bit."""
-    augment = [transforms.RandomHorizontalFlip(), transforms.RandomRotation(10)] if train else []
-    return transforms.Compose([transforms.Resize((size, size)), *augment,
-                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+@pytest.mark.parametrize("case", REFUSED, ids=[case[0][:30] for case in REFUSED])
+def test_a_bad_command_line_is_refused_before_anything_loads(monkeypatch, capsys, case):
+    """training.parse_args: exit 2, one line naming the flag and what to do; nothing created."""
+    argv, *words = case
+    if argv == "--device cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    Path("earlier").mkdir()
+    Path("a_file").write_text("x")
+    Path("earlier/fixed.json").write_text("{}")
+    files = tree()
+    monkeypatch.setattr("fixed.build", lambda args: pytest.fail("not refused"))
+    with pytest.raises(SystemExit) as exit_:  # from training.parse_args
+        build("fixed.py", "--device", "cpu", "--output-dir", "out", *shlex.split(argv))
+    proc = SimpleNamespace(returncode=exit_.value.code, stderr=capsys.readouterr().err)
+    line = one_error_line(proc, 2)
+    assert line.startswith("fixed.py: error: ") and all(w in line for w in words), line
+    assert tree() == files
 
 
-def seeded(seed, epoch, index, function, *args):
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(training.mix_seed(seed, epoch, index))
-        return function(*args)
+def test_real_processes_refuse_or_fail_in_one_line_and_import_silently(tmp_path):
+    """Offline: status, one error line, no stdout, nothing written; `import bug, fixed` silent."""
+    Path("weights").mkdir()
+    files = tree()
+    cases = [  # python's argv, exit status, how the one error line starts
+        (["-c", "import bug, fixed"], 0, None),  # no output at all
+        ([REPO / "bug.py", "--lr", "nan"], 2, "bug.py: error: argument --lr: must be a positive"),
+        ([REPO / "fixed.py", "--device", "cpu", "--weights", "weights"], 2,
+         "fixed.py: error: --weights weights: is a directory"),
+        ([REPO / "fixed.py", *SMALL], 1,  # and only that line: no progress bar
+         "fixed.py: error: CIFAR-100 is not in data/ and could not be downloaded")]
+    with ThreadPoolExecutor(2) as pool:  # CI's 2 cores
+        procs = list(pool.map(lambda case: subprocess.run(
+            [sys.executable, *case[0]], cwd=tmp_path, env={**OFFLINE, "PYTHONPATH": str(REPO)},
+            capture_output=True, text=True, timeout=300), cases))
+    assert (procs[0].returncode, procs[0].stdout, procs[0].stderr) == (0, "", "")
+    for proc, (_, status, start) in zip(procs[1:], cases[1:]):
+        assert one_error_line(proc, status).startswith(start) and proc.stdout == ""
+    assert procs[3].stderr.count("\n") == 1
+    assert all(w in procs[3].stderr for w in (ARCHIVE, training.data.CIFAR_URL, "--dummy"))
+    assert tree() == files
 
 
-def save_b0_weights(path, seed=1234):
-    """An ImageNet-layout (1000-class) b0 state dict with random values, unlike seed 0's."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = EfficientNet.from_name("efficientnet-b0").state_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
+@pytest.mark.parametrize("cut_short, argv, words", [  # a file left unfinished; the line says
+    (f"d/{ARCHIVE}", ["--data-dir", "d"], [f"d/{ARCHIVE} is incomplete or corrupt", "--dummy"]),
+    ("d/cifar-100-python/train", ["--data-dir", "d"],
+     ["d/cifar-100-python is incomplete or corrupt", ARCHIVE, "--dummy"]),
+    (None, ["--data-dir", "x/d"], ["CIFAR-100 is not in x/d/", ARCHIVE, "--dummy"]),  # x/ too
+    (None, [], [WEIGHTS, "{home}/hub/checkpoints/", "--weights"]),
+    (f"home/hub/checkpoints/{WEIGHTS}", [],
+     [f"{{home}}/hub/checkpoints/{WEIGHTS} is corrupt", "delete it to download it again, or pass "
+      "--weights PATH"])],
+    ids=["truncated archive", "corrupt folder", "no data in x/d", "no weights", "corrupt weights"])
+def test_offline_a_missing_resource_is_one_line(cifar, monkeypatch, capsys, cut_short, argv, words):
+    """fixed.py, no network, empty hub: exit 1, one line saying what to do; no folder left."""
+    for name, value in {**PROXIES, "TORCH_HOME": str(Path("home").absolute())}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("urllib.request._opener", None)  # a new one reads the proxy
+    Path("home/hub/checkpoints").mkdir(parents=True)
+    if cut_short:  # what an interrupted download leaves
+        Path(cut_short).parent.mkdir(parents=True, exist_ok=True)
+        Path(cut_short).write_bytes(b"PK\x03\x04" + bytes(1000))
+    files = tree()
+    proc = run_here("fixed.py", *PRETRAINED, "--output-dir", "out", *argv,
+                    monkeypatch=monkeypatch, capsys=capsys)
+    line = one_error_line(proc, 1)
+    assert proc.stderr.splitlines() == [line]
+    assert all(w.format(home=Path("home").absolute()) in line for w in words), line
+    assert ("is not in" in line) == (argv[-1:] == ["x/d"])  # corrupt is not missing
+    assert tree() == files
+
+
+def test_the_diff_between_the_scripts_is_the_fix():
+    """`diff bug.py fixed.py`: ≤ 30 lines, each a comment, marked, freezing or Adam's argument."""
+    text = {s: (REPO / s).read_text() for s in SCRIPTS}
+    assert all(f"ROOT CAUSE {n}:" in text["bug.py"] and f"FIX {n}" in text["fixed.py"]
+               for n in range(1, 5))
+    assert "requires_grad" not in text["fixed.py"]
+    adam, allowed = [], {}
+    for script in SCRIPTS:  # the docstring, the Adam call, the freezing loops
+        module = ast.parse(text[script])
+        kept = [module.body[0], *(n for n in ast.walk(module) if isinstance(n, ast.For) and
+                                  "requires_grad" in ast.unparse(n) or isinstance(n, ast.Call)
+                                  and ast.unparse(n.func) == "optim.Adam")]
+        adam += [ast.unparse(n) for n in kept if isinstance(n, ast.Call)]
+        allowed[script] = {i for n in kept for i in range(n.lineno, n.end_lineno + 1)}
+    assert adam[0].replace("model_transfer.module._fc.parameters()",  # only its parameters
+                           "model_transfer.parameters()") == adam[1] != adam[0]
+    lines = {s: text[s].splitlines() for s in SCRIPTS}
+    ops = [op for op in difflib.SequenceMatcher(None, *lines.values(), autojunk=False)
+           .get_opcodes() if op[0] != "equal"]
+    changed = {"bug.py": {i for _, a, b, _, _ in ops for i in range(a + 1, b + 1)},
+               "fixed.py": {j for *_, c, d in ops for j in range(c + 1, d + 1)}}
+    assert len(changed["bug.py"]) + len(changed["fixed.py"]) <= 30
+    for script, marker in zip(SCRIPTS, ("ROOT CAUSE", "FIX")):
+        for n in changed[script]:
+            line = lines[script][n - 1].strip()
+            assert n in allowed[script] or line[:1] in ("", "#") or marker in line, (script, n)
+
+
+def test_fixed_py_end_to_end_with_workers_started_by_spawn(tmp_path):
+    """Spawned workers import fixed.py again, and must not run it; results/README.md is kept."""
+    Path("results").mkdir()
+    Path("results/README.md").write_text("What results/ holds.\n")
+    Path("site").mkdir()
+    Path("site/sitecustomize.py").write_text(  # as on macOS and Windows; marks spawned workers
+        'import multiprocessing, os, sys\nmultiprocessing.set_start_method("spawn")\n'
+        'if "--multiprocessing-fork" in sys.argv:\n'
+        '    open(os.environ["SPAWNED"], "a").write("worker\\n")\n')
+    proc = run_script("fixed.py", *TINY, "--workers", "1", "--epochs", "1", cwd=tmp_path,
+                      env={**OFFLINE, "PYTHONPATH": str(tmp_path / "site"),
+                           "SPAWNED": str(tmp_path / "spawned")}, timeout=150)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_finished(tmp_path, "fixed.py", proc.stdout)
+    assert Path("results/README.md").read_text() == "What results/ holds.\n"
+    assert "worker" in Path("spawned").read_text()
+
+
+def test_bug_py_with_fast_on_the_cpu(cifar, tmp_path, monkeypatch, capsys):
+    """--fast on the CPU: one notice that torch.compile needs CUDA, then a run that finishes."""
+    proc = run_here("bug.py", *SMALL, "--fast", "--epochs", "1",
+                    monkeypatch=monkeypatch, capsys=capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notices = [line for line in proc.stdout.splitlines() if "torch.compile" in line]
+    assert len(notices) == 1 and "needs CUDA, not cpu" in notices[0], notices
+    assert_finished(tmp_path, "bug.py", proc.stdout)
+
+
+def test_the_epoch_line_names_every_number():
+    """Each number with its unit; images/s without an exponent; GPU memory and warm-up if any."""
+    entry = dict(epoch=2, train_loss=1.5, train_acc=12.5, test_loss=2.25, test_acc=23.75,
+                 epoch_seconds=61.5, train_images_per_second=99.7, peak_gpu_memory_gib=None,
+                 warmup_seconds=None)
+    head = "epoch 2/40: train loss 1.5000 acc 12.50% | test loss 2.2500 acc 23.75% | 61.5 s, "
+    line = training.loop.epoch_line
+    assert line(entry, 40) == head + "100 train img/s"  # not 1e+02
+    assert line({**entry, "train_images_per_second": 0.214}, 40) == head + "0.21 train img/s"
+    gpu = {**entry, "train_images_per_second": 1234.0, "peak_gpu_memory_gib": 7.5}
+    assert line(gpu, 40) == head + "1,234 train img/s, peak 7.50 GiB"
+    assert line({**gpu, "warmup_seconds": 89.0}, 40) == \
+        head + "1,234 train img/s, peak 7.50 GiB reserved, compile warm-up 89 s"
+    assert [training.loop.rate(r) for r in (9.97, 99.7, 999.7)] == ["10", "100", "1,000"]
+
+
+# ------------------------------------------------------------------ helpers and fixtures
+STARTUP = {"bug.py": "bug: 42,016 of 4,135,648 parameters require grad, 0 of them",
+           "fixed.py": "fixed: 4,135,648 of 4,135,648 parameters require grad, 4,135,648 of them"}
+EPOCH_LINE = (r"epoch 1/1: train loss \d+\.\d{4} acc \d+\.\d\d% \| test loss \d+\.\d{4} "
+              r"acc \d+\.\d\d% \| \d+\.\d s, [\d.,]+ train img/s")
+
+
+def assert_finished(folder, script, stdout):
+    """The start-up line, an epoch line, "done:", and NAME.json (finished) and NAME.pth."""
+    name, lines = script.removesuffix(".py"), stdout.splitlines()
+    assert any(line.startswith(STARTUP[script] + " in the optimizer;") for line in lines), stdout
+    assert any(re.fullmatch(EPOCH_LINE, line) for line in lines), stdout
+    assert lines[-1] == f"done: results/{name}.json and results/{name}.pth"
+    assert json.loads((folder / f"results/{name}.json").read_text())["status"] == "finished"
+    assert "model" in torch.load(folder / f"results/{name}.pth", weights_only=True)
+
+
+def run_here(script, *argv, monkeypatch, capsys):
+    """`python SCRIPT ARGV` as __main__ in this process: no subprocess, no 4 s of imports."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    monkeypatch.setattr("signal.signal", lambda *_: None)  # pytest keeps its SIGTERM handler
+    status = 0
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=status, stdout=out, stderr=err)
+
+
+def save_b0(path):
+    """A b0 state dict in the published ImageNet layout (1000 classes), random values."""
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in EfficientNet.from_name("efficientnet-b0").state_dict().items()}
     torch.save(state, path)
     return state
 
 
-def assert_backbone_is(model, state):
-    built = model.module.state_dict()
-    backbone = [k for k in state if not k.startswith("_fc.")]
-    assert set(backbone) == {k for k in built if not k.startswith("_fc.")}
-    for key in backbone:
-        assert torch.equal(built[key], state[key]), key
-    assert built["_fc.weight"].shape == (100, 1280)  # the scripts' new head, not ImageNet's
+def tree():
+    return sorted(str(p) for p in Path().rglob("*"))
 
-
-# --------------------------------------------------------------------------- 1. freezing
-
-def test_bug_updates_no_parameter(build, tmp_path):
-    b = build("bug.py", *tiny(tmp_path / "out"))
-    model, optimizer = b.model, b.optimizer
-    counts = training.count_params(model, optimizer)
-    assert counts == dict(total_params=TOTAL_B0_100, trainable_params=BN_AFFINE_B0,
-                          updated_params=0)
-    trainable = {n for n, p in model.module.named_parameters() if p.requires_grad}
-    assert trainable and all("bn" in n for n in trainable)
-    # exactly the BatchNorm affine parameters, nothing else
-    bn_affine = {f"{name}.{p}" for name, m in bn_modules(model).items() for p in ("weight", "bias")}
-    assert trainable == bn_affine
-    fc = model.module._fc
-    assert fc.out_features == 100 and not any(p.requires_grad for p in fc.parameters())
-    in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
-    assert len(in_optimizer) == 2
-    assert {id(p) for p in in_optimizer} == {id(fc.weight), id(fc.bias)}
-    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == 0.01
-
-
-def test_fixed_updates_every_parameter(build, tmp_path):
-    b = build("fixed.py", *tiny(tmp_path / "out"))
-    counts = training.count_params(b.model, b.optimizer)
-    assert counts == dict(total_params=TOTAL_B0_100, trainable_params=TOTAL_B0_100,
-                          updated_params=TOTAL_B0_100)
-    in_optimizer = [p for g in b.optimizer.param_groups for p in g["params"]]
-    assert {id(p) for p in in_optimizer} == {id(p) for p in b.model.parameters()}
-    assert len(in_optimizer) == len(list(b.model.parameters()))
-    assert isinstance(b.optimizer, torch.optim.Adam) and b.optimizer.param_groups[0]["lr"] == 0.005
-
-
-# --------------------------------------------------------------------------- 2. training steps
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_training_steps(build, tmp_path, script):
-    b = build(script, *tiny(tmp_path / "out"))
-    model, args = b.model, b.args
-    before = params(model)
-    stats_before = {name: (m.running_mean.clone(), m.running_var.clone())
-                    for name, m in bn_modules(model).items()}
-    engine = training.Engine(args, model)
-    loader = training.make_loader(b.train_set, args, True)
-    loader.sampler.epoch = 1
-    model.train()
-    torch.manual_seed(0)
-    steps = 0
-    for images, labels in loader:  # --limit-train-batches 2
-        images, labels = engine.to_device(b.train_set, images, labels)
-        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
-        output, loss = training.train_step(model, b.criterion, b.optimizer, engine, images, labels)
-        assert output.shape == (4, 100) and math.isfinite(loss.item())
-        steps += 1
-    assert steps == 2
-    after = params(model)
-    assert before.keys() == after.keys()
-    if script == "bug.py":
-        changed = [n for n in before if not torch.equal(before[n], after[n])]
-        assert changed == [], f"bug.py updated {changed[:3]}"
-        # ...yet the BatchNorm running statistics, buffers outside the optimizer, moved
-        for name, m in bn_modules(model).items():
-            mean, var = stats_before[name]
-            assert not torch.equal(mean, m.running_mean), name
-            assert not torch.equal(var, m.running_var), name
-    else:
-        unchanged = [n for n in before if torch.equal(before[n], after[n])]
-        assert unchanged == [], f"fixed.py left {unchanged[:3]} unchanged"
-
-
-# --------------------------------------------------------------------------- 3. transforms
-
-@pytest.mark.parametrize("script, size", [("bug.py", 1024), ("fixed.py", 224)])
-def test_transforms_match_the_report_bit_for_bit(build, tmp_path, script, size):
-    # the script's own default image size: no --image-size
-    b = build(script, "--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0",
-              "--output-dir", tmp_path / "out")
-    assert b.args.image_size == size
-    cpu = torch.device("cpu")
-    for view, train in ((b.train_set, True), (b.test_set, False)):
-        for epoch, index in ((1, 7), (2, 7), (1, 49_999 if train else 9_999)):
-            item, label = view[(epoch, index)]
-            image, expected_label = view.images[index]
-            assert label == expected_label
-            assert item.dtype == torch.uint8 and item.shape == (3, size, size)
-            got = view.on_device(item.unsqueeze(0), cpu)
-            assert got.dtype == torch.float32 and got.shape == (1, 3, size, size)
-            want = seeded(b.args.seed, epoch, index, report_pipeline(size, train), image)
-            assert torch.equal(got[0], want), (script, train, epoch, index)
-    # the train view does augment (the rotation alone makes it differ from the test view),
-    # differently per epoch, and the test view does not
-    train_1, train_2 = b.train_set[(1, 7)][0], b.train_set[(2, 7)][0]
-    assert not torch.equal(train_1, train_2)
-    assert torch.equal(b.test_set[(1, 7)][0], b.test_set[(2, 7)][0])
-
-
-# --------------------------------------------------------------------------- 4. real CIFAR-100
-
-def write_cifar100(root, n_train=6, n_test=4):
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(5)
-    splits = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        fine = [int(x) for x in rng.integers(0, 100, n)]
-        splits[split] = (data, fine)
-        entry = {"data": data, "fine_labels": fine, "coarse_labels": [f // 5 for f in fine],
-                 "filenames": [f"{split}_{i}.png" for i in range(n)],
-                 "batch_label": f"{split} batch"}
-        with open(folder / split, "wb") as file:
-            pickle.dump(entry, file)
-    meta = {"fine_label_names": [f"fine_{i}" for i in range(100)],
-            "coarse_label_names": [f"coarse_{i}" for i in range(20)]}
-    with open(folder / "meta", "wb") as file:
-        pickle.dump(meta, file)
-    return splits
-
-
-def test_real_cifar100_on_disk(build, tmp_path, monkeypatch):
-    splits = write_cifar100(tmp_path / "data")
-    for key, value in NO_NETWORK.items():
-        monkeypatch.setenv(key, value)
-    # our files are not the published ones: skip only the md5 comparison
-    monkeypatch.setattr(datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
-    b = build("fixed.py", "--device", "cpu", "--no-pretrained", "--workers", "0",
-              "--data-dir", tmp_path / "data", "--image-size", "32",
-              "--output-dir", tmp_path / "out")
-    assert not (tmp_path / "data" / training.CIFAR_ARCHIVE).exists()  # nothing downloaded
-    cpu = torch.device("cpu")
-    for view, split in ((b.train_set, "train"), (b.test_set, "test")):
-        data, fine = splits[split]
-        assert isinstance(view.images, datasets.CIFAR100)
-        assert view.images.train == (split == "train")
-        assert len(view) == len(data)
-        assert view.images.classes[:2] == ["fine_0", "fine_1"]
-        for index in range(len(data)):
-            chw = torch.from_numpy(data[index].reshape(3, 32, 32))
-            image, label = view.images[index]
-            assert label == fine[index]
-            assert torch.equal(torch.from_numpy(np.array(image)).permute(2, 0, 1), chw)
-            item, label = view[(1, index)]
-            assert label == fine[index]
-            if split == "test":  # Resize(32) of a 32x32 image: the pixels themselves
-                assert torch.equal(item, chw)
-                got = view.on_device(item.unsqueeze(0), cpu)[0]
-                expected = (chw.float() / 255 - torch.tensor(MEAN)[:, None, None]) \
-                    / torch.tensor(STD)[:, None, None]
-                torch.testing.assert_close(got, expected)
-
-
-def test_cifar100_is_downloaded_when_missing(build, tmp_path, monkeypatch):
-    """A first run fetches CIFAR-100 itself: torchvision's download, from the published URL
-    (stubbed here: it writes the small data set, in the real layout)."""
-    for key, value in NO_NETWORK.items():
-        monkeypatch.setenv(key, value)
-    fetched = []
-
-    def download_and_extract_archive(url, root, filename=None, md5=None):
-        fetched.append(url)
-        write_cifar100(Path(root))
-
-    monkeypatch.setattr(datasets.cifar, "download_and_extract_archive",
-                        download_and_extract_archive)
-    monkeypatch.setattr(datasets.cifar, "check_integrity",
-                        lambda path, md5=None: os.path.isfile(path))
-    b = build("fixed.py", "--device", "cpu", "--no-pretrained", "--workers", "0",
-              "--data-dir", tmp_path / "data", "--image-size", "32",
-              "--output-dir", tmp_path / "out")
-    assert fetched == [training.CIFAR_URL]  # once: the test split finds it there
-    assert isinstance(b.train_set.images, datasets.CIFAR100) and len(b.train_set) == 6
-    assert len(b.test_set) == 4
-
-
-# --------------------------------------------------------------------------- 5. weights
-
-def test_weights_from_file_and_from_hub_cache(build, tmp_path, monkeypatch):
-    for key, value in NO_NETWORK.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    path = tmp_path / WEIGHTS_FILE
-    state = save_b0_weights(path)
-    assert state["_fc.weight"].shape == (1000, 1280)
-
-    b = build("fixed.py", "--device", "cpu", "--dummy", "--workers", "0", "--image-size", "32",
-              "--weights", path, "--output-dir", tmp_path / "out")
-    assert b.args.weights == path and b.args.pretrained == "imagenet"
-    assert_backbone_is(b.model, state)
-
-    # no --weights: the published file name in $TORCH_HOME/hub/checkpoints is used as is
-    cached = tmp_path / "home" / "hub" / "checkpoints" / WEIGHTS_FILE
-    cached.parent.mkdir(parents=True)
-    shutil.copyfile(path, cached)
-    b = build("bug.py", "--device", "cpu", "--dummy", "--workers", "0", "--image-size", "32",
-              "--output-dir", tmp_path / "out")
-    assert b.args.weights is None and b.args.pretrained == "imagenet"
-    assert_backbone_is(b.model, state)
-
-
-def test_the_seed_decides_the_new_head_with_pretrained_weights(build, tmp_path, monkeypatch):
-    """--seed, not whatever state torch's generator is in, draws the new 100-class head."""
-    for key, value in NO_NETWORK.items():
-        monkeypatch.setenv(key, value)
-    weights = tmp_path / WEIGHTS_FILE
-    save_b0_weights(weights)
-    argv = ["--device", "cpu", "--dummy", "--workers", "0", "--image-size", "32",
-            "--weights", weights, "--output-dir", tmp_path / "out"]
-
-    def head(*seed):
-        torch.manual_seed(12345)  # the same global state before every build
-        return build("fixed.py", *argv, *seed).model.module._fc.weight.detach().clone()
-
-    assert torch.equal(head(), head("--seed", "0"))  # 0 is the default
-    assert not torch.equal(head(), head("--seed", "1"))
-
-
-def test_weights_of_another_shape_are_refused(tmp_path):
-    """b0's keys with another model's shapes (a b1 file renamed, say): refused by name
-    before the run, not a traceback in load_state_dict."""
-    path = tmp_path / WEIGHTS_FILE
-    state = save_b0_weights(path)
-    state["_conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
-    torch.save(state, path)
-    problem = training.check_weights_file(path)
-    assert "shapes" in problem and "_conv_stem.weight is (16, 3, 3, 3)" in problem, problem
-
-
-def test_epoch_line_names_each_number():
-    """The line a user watches: each figure under its own name (values chosen apart)."""
-    entry = dict(epoch=2, train_loss=1.5, train_acc=12.5, test_loss=2.25, test_acc=23.75,
-                 epoch_seconds=61.5, train_images_per_second=1234.0, peak_gpu_memory_gib=7.5,
-                 warmup_seconds=89.0)
-    assert training.epoch_line(entry, 40) == (
-        "epoch 2/40: train loss 1.5000 acc 12.50% | test loss 2.2500 acc 23.75% | 61.5 s, "
-        "1,234 train img/s, peak 7.50 GiB reserved, compile warm-up 89 s")
-    default = dict(entry)
-    del default["warmup_seconds"]  # not compiled: the peak is allocated memory
-    assert training.epoch_line(default, 40).endswith("1,234 train img/s, peak 7.50 GiB")
-    cpu = dict(default, peak_gpu_memory_gib=None, train_images_per_second=0.214)
-    assert training.epoch_line(cpu, 40).endswith("| 61.5 s, 0.21 train img/s")
-
-
-# --------------------------------------------------------------------------- 6. end to end
-
-def check_results(out, script, *, image_size, batch_size, lr, updated, epochs=2):
-    name = script.removesuffix(".py")
-    document = json.loads((out / f"{name}.json").read_text())
-    assert document["script"] == name and document["run_name"] == name
-    assert document["status"] == "finished"
-    config = document["config"]
-    expected = dict(image_size=image_size, batch_size=batch_size, lr=lr, optimizer="Adam",
-                    epochs=epochs, seed=0, total_params=TOTAL_B0_100,
-                    trainable_params=BN_AFFINE_B0 if name == "bug" else TOTAL_B0_100,
-                    updated_params=updated, pretrained="none", dummy=True, device="cpu",
-                    torch=str(torch.__version__))
-    assert {k: config.get(k) for k in expected} == expected
-    assert [e["epoch"] for e in document["epochs"]] == list(range(1, epochs + 1))
-    for entry in document["epochs"]:
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
-                    "train_images_per_second"):
-            assert isinstance(entry[key], float) and math.isfinite(entry[key]), (key, entry)
-        assert 0 <= entry["train_acc"] <= 100 and 0 <= entry["test_acc"] <= 100
-        assert entry["epoch_seconds"] > 0 and entry["train_images_per_second"] > 0
-        assert "peak_gpu_memory_gib" in entry and entry["peak_gpu_memory_gib"] is None
-
-    checkpoint = torch.load(out / f"{name}.pth", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "epoch"} <= checkpoint.keys()
-    assert checkpoint["epoch"] == epochs
-    assert not any(k.startswith("module.") for k in checkpoint["model"])
-    model = EfficientNet.from_name("efficientnet-b0", num_classes=100)
-    model.load_state_dict(checkpoint["model"], strict=True)
-    return document, checkpoint
-
-
-def assert_parameters(checkpoint, initial, *, updated):
-    """The checkpoint's parameters against the model the same flags build (not trained)."""
-    state = checkpoint["model"]
-    assert initial.keys() <= state.keys()
-    same = [n for n in initial if torch.equal(state[n], initial[n])]
-    if updated:
-        assert same == [], f"never updated: {same[:3]}"
-    else:
-        assert len(same) == len(initial), "a parameter moved"
-
-
-def stat(path):
-    return path.read_bytes(), path.stat().st_mtime_ns
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_end_to_end(build, capsys, tmp_path, script):
-    name = script.removesuffix(".py")
-    flags = ["--dummy", "--device", "cpu", "--no-pretrained", "--epochs", "2",
-             "--limit-train-batches", "2", "--limit-eval-batches", "1", "--workers", "0",
-             "--image-size", "32", "--batch-size", "4", "--output-dir", "tmp"]
-    result = run_script(script, *flags, cwd=tmp_path, env=offline_env())
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    out = tmp_path / "tmp"
-    lr, updated = (0.01, 0) if name == "bug" else (0.005, TOTAL_B0_100)
-    _, checkpoint = check_results(out, script, image_size=32, batch_size=4, lr=lr,
-                                  updated=updated)
-    initial = params(build(script, *flags[:-1], tmp_path / "elsewhere").model)
-    assert_parameters(checkpoint, initial, updated=bool(updated))
-
-    # the same command again, without --overwrite: refused, nothing touched
-    files = [out / f"{name}.json", out / f"{name}.pth"]
-    before, listing = [stat(f) for f in files], sorted(p.name for p in out.iterdir())
-    if name == "bug":  # as a user sees it
-        result = run_script(script, *flags, cwd=tmp_path, env=offline_env())
-        assert result.returncode == 2
-        assert result.stdout == ""
-        error = result.stderr
-    else:  # the same check in-process, to save a subprocess
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            build(script, *flags[:-1], out)
-        assert exit_.value.code == 2
-        error = capsys.readouterr().err
-    assert_one_line_error(error, script, "--overwrite", f"{name}.")
-    assert [stat(f) for f in files] == before
-    assert sorted(p.name for p in out.iterdir()) == listing  # (the files and the run's lock)
-
-    if name == "bug":  # --overwrite replaces the run (once is enough: it is shared code)
-        result = run_script(script, *flags, "--overwrite", cwd=tmp_path, env=offline_env())
-        assert result.returncode == 0, result.stderr
-        check_results(out, script, image_size=32, batch_size=4, lr=lr, updated=updated)
-        assert all(stat(f)[1] != b[1] for f, b in zip(files, before))
-
-
-def test_bug_at_its_real_defaults(build, tmp_path):
-    """The report's recipe itself (1024 px, batch 4, lr 0.01): nothing is updated."""
-    flags = ["--dummy", "--device", "cpu", "--no-pretrained", "--epochs", "2",
-             "--limit-train-batches", "1", "--limit-eval-batches", "1", "--workers", "0"]
-    result = run_script("bug.py", *flags, "--output-dir", "tmp", cwd=tmp_path,
-                        env=offline_env())
-    assert result.returncode == 0, result.stderr
-    _, checkpoint = check_results(tmp_path / "tmp", "bug.py", image_size=1024, batch_size=4,
-                                  lr=0.01, updated=0)
-    b = build("bug.py", *flags, "--output-dir", tmp_path / "elsewhere")
-    assert b.args.image_size == 1024 and b.args.batch_size == 4
-    assert_parameters(checkpoint, params(b.model), updated=False)
-    # while BatchNorm's running statistics did move, one batch per epoch
-    state = checkpoint["model"]
-    for name, m in bn_modules(b.model).items():
-        assert not torch.equal(state[f"{name}.running_mean"], m.running_mean), name
-        assert state[f"{name}.num_batches_tracked"].item() == 2
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_runs_with_workers_started_by_spawn(tmp_path, script):
-    """macOS and Windows start data-loading workers with spawn, which imports the script
-    again in each worker: there it must not run (it would refuse the run's own files, and
-    the worker would die). Spawn made the default here by a sitecustomize."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        'import multiprocessing\nmultiprocessing.set_start_method("spawn")\n')
-    result = run_script(script, *TINY, "--workers", "1", "--epochs", "1", "--output-dir", "out",
-                        cwd=tmp_path, env=offline_env(PYTHONPATH=site), timeout=300)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    document = json.loads((tmp_path / "out" / f"{script[:-3]}.json").read_text())
-    assert document["status"] == "finished" and document["config"]["workers"] == 1
-
-
-# --------------------------------------------------------------------------- 7. bad input
 
 @pytest.fixture
-def weights_files(tmp_path):
-    text = tmp_path / "notes.txt"
-    text.write_text("these are not weights\n")
-    linear = tmp_path / "linear.pth"
-    torch.save(nn.Linear(3, 2).state_dict(), linear)
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    return dict(missing=tmp_path / "missing.pth", text=text, linear=linear, file=a_file)
-
-
-BAD_INPUT = [
-    (["--epochs", "0"], ["--epochs", "positive"]),
-    (["--batch-size", "0"], ["--batch-size", "positive"]),
-    (["--limit-train-batches", "0"], ["--limit-train-batches", "positive"]),
-    (["--limit-eval-batches", "-1"], ["--limit-eval-batches", "positive"]),
-    (["--lr", "0"], ["--lr", "positive"]),
-    (["--lr", "-1"], ["--lr", "positive"]),
-    (["--lr", "nan"], ["--lr", "positive", "nan"]),
-    (["--lr", "inf"], ["--lr", "positive", "inf"]),
-    (["--workers", "-1"], ["--workers", "0 or more"]),
-    (["--device", "tpu"], ["--device tpu", "cpu"]),
-    (["--device", "cuda"], ["CUDA", "--device cpu"]),
-    (["--weights", "{missing}"], ["--weights", "missing.pth", "no such file"]),
-    (["--weights", "{text}"], ["--weights", "notes.txt", "not a PyTorch state dict"]),
-    (["--weights", "{linear}"], ["--weights", "linear.pth", "not an EfficientNet-b0"]),
-    (["--data-dir", "{file}"], ["--data-dir", "a_file", "is a file"]),
-    (["--lr", "1e38"], ["--lr 1e+38", "at most 1000"]),
-    (["--image-size", "0"], ["--image-size", "positive"]),
-    (["--seed", "-1"], ["--seed", "0 or more"]),
-    (["--run-name", "a/b"], ["--run-name 'a/b'", "plain file name"]),
-    (["--run-name", ".hidden"], ["--run-name '.hidden'", "plain file name"]),
-    (["--run-name", ""], ["--run-name ''", "plain file name"]),
-    (["--output-dir", "{file}"], ["--output-dir", "a_file", "is a file"]),
-    (["--weights", "{missing}", "--no-pretrained"], ["--weights and --no-pretrained"]),
-]
-
-
-def case_id(bad):
-    return " ".join(bad).replace("{", "").replace("}", "")
-
-
-def bad_argv(bad, files, out):
-    base = ["--dummy", "--device", "cpu", "--workers", "0", "--output-dir", out]
-    return base + [a.format(**files) for a in bad]
-
-
-@pytest.mark.parametrize("bad, fragments", BAD_INPUT, ids=[case_id(b) for b, _ in BAD_INPUT])
-def test_bad_input_is_refused(build, capsys, tmp_path, weights_files, bad, fragments):
-    if bad == ["--device", "cuda"] and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    out = tmp_path / "out"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        build("fixed.py", *bad_argv(bad, weights_files, out))
-    assert exit_.value.code == 2
-    assert_one_line_error(capsys.readouterr().err, "fixed.py", *fragments)
-    assert not out.exists()
-
-
-def test_a_gpu_index_beyond_the_machines_is_refused(build, capsys, tmp_path, monkeypatch):
-    """--device cuda:1 on a one-GPU machine (CUDA stubbed: nothing runs on it)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(SystemExit) as exit_:
-        build("fixed.py", "--dummy", "--device", "cuda:1", "--output-dir", tmp_path / "out")
-    assert exit_.value.code == 2
-    assert_one_line_error(capsys.readouterr().err, "fixed.py", "--device cuda:1",
-                          "1 CUDA device(s)")
-
-
-SUBPROCESS_BAD = [BAD_INPUT[6], BAD_INPUT[10], BAD_INPUT[12]]  # --lr nan, cuda, a text file
-
-
-@pytest.mark.parametrize("bad, fragments", SUBPROCESS_BAD,
-                         ids=[case_id(b) for b, _ in SUBPROCESS_BAD])
-def test_bad_input_reaches_the_user_as_one_line(tmp_path, weights_files, bad, fragments):
-    if bad == ["--device", "cuda"] and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    out = tmp_path / "out"
-    result = run_script("bug.py", *bad_argv(bad, weights_files, out), cwd=tmp_path,
-                        env=offline_env())
-    assert result.returncode == 2
-    assert_one_line_error(result.stderr, "bug.py", *fragments)
-    assert result.stdout == ""
-    assert not out.exists()
-
-
-# --------------------------------------------------------------------------- 8. missing resources
-
-@pytest.mark.parametrize("folder", ["empty", "missing", "truncated"])
-def test_missing_cifar100_without_network(tmp_path, folder):
-    """No CIFAR-100 and no network: one line that says what to download and where. A
-    truncated archive (what an interrupted download leaves) is named as such."""
-    data, out = tmp_path / folder, tmp_path / "out"
-    if folder != "missing":
-        data.mkdir()
-    if folder == "truncated":
-        (data / training.CIFAR_ARCHIVE).write_bytes(b"\x1f\x8b" + bytes(1000))
-    result = run_script("fixed.py", "--device", "cpu", "--data-dir", data, "--output-dir", out,
-                        cwd=tmp_path, env=offline_env(TORCH_HOME=tmp_path / "home"), timeout=120)
-    assert result.returncode == 1, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert_one_line_error(result.stderr, "fixed.py", training.CIFAR_ARCHIVE, data, "--dummy")
-    assert ("incomplete or corrupt" in result.stderr) == (folder == "truncated")
-    assert not out.exists()
-    assert data.is_dir() == (folder != "missing")  # the user's folder kept, none left behind
-
-
-def test_missing_weights_without_network(tmp_path):
-    home, out = tmp_path / "home", tmp_path / "out"
-    result = run_script("fixed.py", "--device", "cpu", "--dummy", "--output-dir", out,
-                        cwd=tmp_path, env=offline_env(TORCH_HOME=home), timeout=120)
-    assert result.returncode == 1, result.stderr
-    assert_one_line_error(result.stderr, "fixed.py", WEIGHTS_FILE, home / "hub" / "checkpoints",
-                          "--weights")
-    assert not out.exists()
+def cifar(tmp_path, monkeypatch):
+    """A tiny CIFAR-100 in ./data (the default --data-dir), as torchvision reads it and as a
+    download (.archive) delivers it; torch on one thread, as conftest.ENV has subprocesses."""
+    rng, splits, files = np.random.default_rng(0), {}, {"meta": {"fine_label_names": [
+        f"class{i}" for i in range(100)]}}
+    for split, n in (("train", TRAIN_N), ("test", TEST_N)):
+        data, labels = rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 100, n)
+        splits[split] = (data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), labels.tolist())
+        files[split] = {"data": data, "fine_labels": labels.tolist()}
+    archive, folder = io.BytesIO(), tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, content in files.items():
+            (folder / name).write_bytes(pickle.dumps(content, protocol=2))
+            tar.add(folder / name, f"cifar-100-python/{name}")
+    md5 = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in files}
+    for attribute, value in {  # CIFAR100's checksums, of these files
+            "train_list": [["train", md5["train"]]], "test_list": [["test", md5["test"]]],
+            "meta": {"filename": "meta", "key": "fine_label_names", "md5": md5["meta"]},
+            "tgz_md5": hashlib.md5(archive.getvalue()).hexdigest()}.items():
+        monkeypatch.setattr(datasets.CIFAR100, attribute, value)
+    threads = torch.get_num_threads()  # two threads on 2 busy cores mostly wait for each other
+    torch.set_num_threads(1)
+    yield SimpleNamespace(folder=folder, archive=archive.getvalue(), **splits)
+    torch.set_num_threads(threads)

@@ -1,0 +1,243 @@
+"""CIFAR-100 (or --dummy's synthetic twin) through the report's transforms, and the batches
+a run trains on: from DataLoader workers, or with --fast from a copy of the data set kept on
+the device. Either way an epoch's order and augmentation are functions of (seed, epoch)
+alone: results do not depend on --workers, and a resumed run replays exactly."""
+import os
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
+
+from . import augment
+from .cli import TEST_IMAGES, TRAIN_IMAGES, RunError
+
+NUM_CLASSES = 100
+CIFAR_ARCHIVE, CIFAR_URL = datasets.CIFAR100.filename, datasets.CIFAR100.url
+
+
+def report_transforms(image_size):
+    """The report's training transforms, and the test transforms it does not show (the
+    same without the random flip and rotation), at `image_size` (bug 1024, fix 224)."""
+    train_transforms = transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(10),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406],
+                             [0.229, 0.224, 0.225])
+    ])
+    test_transforms = transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406],
+                             [0.229, 0.224, 0.225])
+    ])
+    return train_transforms, test_transforms
+
+
+def cifar100(args):
+    """Train and test sets (torchvision's CIFAR100, or the synthetic set) seen through the
+    report's transforms at --image-size."""
+    train_transforms, test_transforms = report_transforms(args.image_size)
+    if args.dummy:
+        train_set, test_set = (SyntheticCIFAR100(train, args.seed) for train in (True, False))
+    else:
+        train_set, test_set = (load_cifar100(args.data_dir, train) for train in (True, False))
+    return (SeededView(train_set, train_transforms, args.seed),
+            SeededView(test_set, test_transforms, args.seed))
+
+
+def batches(view, args, train):
+    """What an epoch of training (train=True) or testing iterates: (images, labels) on the
+    device, ready for the model. set_epoch(epoch) before each epoch."""
+    limit = args.limit_train_batches if train else args.limit_eval_batches
+    sampler = EpochSampler(len(view), args.seed, shuffle=train,
+                           limit=limit * args.batch_size if limit else None)
+    if args.fast:
+        return DeviceBatches(view, sampler, args)
+    return LoaderBatches(view, sampler, args)
+
+
+class LoaderBatches:
+    """The report's pipeline, PIL transforms in DataLoader workers. They stop at uint8
+    (a quarter of float32's bytes to pass between processes and pin), and the last two
+    transforms, ToTensor's scaling and Normalize, run on the device with the very same
+    float32 arithmetic: bit-identical numbers."""
+
+    def __init__(self, view, sampler, args):
+        self.view, self.sampler, self.device = view, sampler, args.device
+        self.memory_format = torch.channels_last if args.fast else torch.contiguous_format
+        self.loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler,
+                                 num_workers=args.workers, persistent_workers=args.workers > 0,
+                                 pin_memory=args.device.type == "cuda",
+                                 worker_init_fn=leave_the_terminals_group,
+                                 # its own generator: a new iterator draws a seed from it,
+                                 # which would otherwise shift the global RNG (and dropout)
+                                 generator=torch.Generator())
+        self.set_epoch = sampler.set_epoch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        scale, mean, std = normalize_constants(self.view.normalize, self.device)
+        for images, labels in self.loader:
+            # The layout first, while the images are uint8 and a quarter of the bytes.
+            images = images.to(self.device, non_blocking=True).contiguous(
+                memory_format=self.memory_format)
+            # ToTensor's img.float().div(255), then Normalize's sub_(mean).div_(std). Not the
+            # Normalize module itself: it checks `(std == 0).any()`, a GPU sync a step.
+            images = images.float().div_(scale).sub_(mean).div_(std)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def leave_the_terminals_group(worker_id):
+    # Ctrl-C, or a job manager's SIGTERM, goes to the whole process group: the main process
+    # stops the run and then its workers, which must not die first under it, printing
+    # tracebacks. In their own group they only hear the main process, and end with it.
+    if hasattr(os, "setpgrp"):  # POSIX
+        os.setpgrp()
+
+
+class DeviceBatches:
+    """--fast: the data set copied once to the device as uint8 (50,000 x 3 x 32 x 32, 146 MiB
+    for training), gathered by index in the sampler's order and augmented there in whole
+    batches (training/augment.py): no workers, no per-image Python, no host sync. The
+    random draws come from a generator on the device seeded from (seed, epoch): a run and
+    its resumption replay on the same GPU."""
+
+    def __init__(self, view, sampler, args):
+        self.sampler, self.device, self.size = sampler, args.device, args.image_size
+        self.batch_size, self.seed, self.train = args.batch_size, args.seed, sampler.shuffle
+        images, labels = np.asarray(view.images.data), np.asarray(view.images.targets)
+        self.images = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(labels).to(self.device)
+        # ToTensor's scaling and Normalize in one multiply-add: (x / 255 - mean) / std.
+        scale, mean, std = normalize_constants(view.normalize, self.device)
+        self.gain, self.shift = 1 / (scale * std), -mean / std
+        self.generator = torch.Generator(self.device)
+        self.set_epoch = sampler.set_epoch
+        print(f"--fast: the {'training' if self.train else 'test'} set on {args.device} as "
+              f"uint8, {self.images.nbytes / 2**20:,.0f} MiB", flush=True)
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor([index for _, index in self.sampler], device=self.device)
+        self.generator.manual_seed(mix_seed(self.seed, self.sampler.epoch, 2))
+        for indices in order.split(self.batch_size):
+            images = augment.resize(self.images[indices], self.size)
+            if self.train:
+                images = augment.flip_rotate(images, *augment.draw(self.generator, len(indices)))
+            images = images.contiguous(memory_format=torch.channels_last)
+            yield torch.addcmul(self.shift, images, self.gain), self.labels[indices]
+
+
+def normalize_constants(normalize, device):
+    # 255 as a tensor, not a Python scalar: CUDA would multiply by its rounded reciprocal.
+    return (torch.full((), 255.0, device=device),
+            torch.tensor(normalize.mean, device=device).view(-1, 1, 1),
+            torch.tensor(normalize.std, device=device).view(-1, 1, 1))
+
+
+class SeededView(Dataset):
+    """A data set seen through a transform whose randomness is a function of (seed, epoch,
+    index), indexed by the sampler's (epoch, index) keys. The transform's ToTensor() and
+    Normalize() are left to the batches (see LoaderBatches), which find the latter here."""
+
+    def __init__(self, images, transform, seed):
+        self.images, self.seed = images, seed
+        *head, to_tensor, self.normalize = transform.transforms
+        assert isinstance(to_tensor, transforms.ToTensor), to_tensor
+        self.transform = transforms.Compose([*head, transforms.PILToTensor()])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, label = self.images[index]
+        # Seed only the CPU generator torchvision's random transforms draw from, and put it
+        # back afterwards, so that loading never disturbs the model's own randomness.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+class EpochSampler(Sampler):
+    """(epoch, index) keys for SeededView: a permutation drawn from (seed, epoch) when
+    shuffling, cut to the first `limit` images."""
+
+    def __init__(self, size, seed, shuffle, limit=None):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.limit = min(size, limit) if limit else size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.limit
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator)[:self.limit].tolist()
+        else:
+            order = range(self.limit)
+        return ((self.epoch, index) for index in order)
+
+
+def mix_seed(*numbers):
+    return int(np.random.SeedSequence(numbers).generate_state(1)[0])
+
+
+class SyntheticCIFAR100(Dataset):
+    """CIFAR-100-shaped synthetic images, held as torchvision's CIFAR100 holds its own
+    (`data`, N x 32 x 32 x 3 uint8, and `targets`): one colour per class plus noise, so a
+    model that trains can learn it and one that does not stays at chance."""
+
+    def __init__(self, train, seed=0):
+        colours = np.random.default_rng(seed).integers(0, 256, (NUM_CLASSES, 3), dtype=np.int16)
+        rng = np.random.default_rng([seed, int(train)])  # the same classes, other images
+        size = TRAIN_IMAGES if train else TEST_IMAGES
+        self.targets = rng.integers(NUM_CLASSES, size=size).tolist()
+        noise = rng.integers(-64, 65, (size, 32, 32, 3), dtype=np.int16)
+        noise += colours[self.targets][:, None, None]
+        self.data = noise.clip(0, 255).astype(np.uint8)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return Image.fromarray(self.data[index]), self.targets[index]
+
+
+def load_cifar100(folder, train):
+    """torchvision's CIFAR100 from `folder`, downloaded there if missing, or one line that
+    says what is wrong and what to do."""
+    # The outermost folder the download makes, to take away again if it fails.
+    made = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    try:
+        return datasets.CIFAR100(folder, train=train, download=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        if made and made.is_dir() and not any(p.is_file() for p in made.rglob("*")):
+            shutil.rmtree(made)
+        if isinstance(error, PermissionError):
+            raise RunError(f"--data-dir {folder}: {error.strerror} ({error.filename})")
+        archive = folder / CIFAR_ARCHIVE
+        if archive.is_file() and not check_integrity(archive, datasets.CIFAR100.tgz_md5):
+            problem = f"{archive} is incomplete or corrupt (its MD5 checksum does not match)"
+        elif (folder / datasets.CIFAR100.base_folder).exists():
+            problem = (f"{folder / datasets.CIFAR100.base_folder} is incomplete or corrupt "
+                       "(its checksums do not match)")
+        else:
+            problem = f"CIFAR-100 is not in {folder}/"
+        raise RunError(f"{problem} and could not be downloaded ({error}). Download "
+                       f"{CIFAR_ARCHIVE} from {CIFAR_URL} into {folder}/ (it is unpacked on "
+                       "first use), pass --data-dir, or use --dummy") from None

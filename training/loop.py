@@ -1,0 +1,270 @@
+"""The run: train to --epochs, testing after every epoch and saving the checkpoint and the
+results (training/rundir.py); then train() and validate(), the loops the report's user
+would have written."""
+import importlib.util
+import time
+
+import torch
+from tqdm import tqdm
+
+import schema
+from . import rundir
+from .cli import RunError, resume_command
+from .data import batches, mix_seed
+from .model import WEIGHTS_URL, count_params
+
+
+def run(args, model, criterion, optimizer, train_data, test_data):
+    """Train to --epochs. A failure, a Ctrl-C or a SIGTERM leaves the results saying so
+    ("failed", "interrupted") and every finished epoch kept, then goes up to the script's
+    one handler (training.command_line)."""
+    config = schema.record(
+        schema.CONFIG, script=args.script, image_size=args.image_size,
+        batch_size=args.batch_size, lr=args.lr, optimizer=type(optimizer).__name__,
+        pretrained=args.pretrained, dummy=args.dummy, fast=args.fast, seed=args.seed,
+        limit_train_batches=args.limit_train_batches, limit_eval_batches=args.limit_eval_batches,
+        epochs=args.epochs, **count_params(model, optimizer),
+        weights=None if args.no_pretrained else str(args.weights or WEIGHTS_URL),
+        device=describe(args.device), torch=str(torch.__version__), workers=args.workers)
+    print(f"{args.script}: {config['trainable_params']:,} of {config['total_params']:,} "
+          f"parameters require grad, {config['updated_params']:,} of them in the optimizer; "
+          f"{args.image_size} px, batch {args.batch_size}, lr {args.lr}, {config['device']}",
+          flush=True)
+    if args.dummy:
+        print("--dummy: synthetic images; accuracy says nothing about CIFAR-100", flush=True)
+
+    with rundir.sole_writer(args):
+        history = []
+        if args.resume:
+            state = rundir.load_checkpoint(args, config)
+            model.module.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history = state["history"]
+        else:  # the old JSON first: it must never sit beside the new run's checkpoint
+            args.results_path.unlink(missing_ok=True)
+            rundir.save_checkpoint(args, model, optimizer, config, history)
+        if len(history) >= args.epochs:
+            config["epochs"] = len(history)  # what it holds, not the fewer asked for
+            rundir.save_results(args, config, history, "finished")
+            print(f"{args.checkpoint_path} already holds {len(history)} epochs; raise "
+                  "--epochs to go on")
+            return
+        rundir.save_results(args, config, history, "running")
+        try:
+            compiled = speed_up(model, args)
+            train_batches = batches(train_data, args, train=True)
+            test_batches = batches(test_data, args, train=False)
+            for epoch in range(len(history) + 1, args.epochs + 1):
+                entry = one_epoch(model, criterion, optimizer, train_batches, test_batches,
+                                  epoch, args, compiled)
+                rundir.save_checkpoint(args, model, optimizer, config, history + [entry])
+                history.append(entry)
+                rundir.save_results(args, config, history, "running")
+                print(epoch_line(entry, args.epochs), flush=True)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (training.Terminated)
+            save_status(args, config, history, "interrupted")
+            raise type(stop)(f"stopped in epoch {len(history) + 1}; {args.results_path} "
+                             f"keeps {len(history)} finished epoch(s). Resume with:\n  "
+                             f"{resume_command()}") from None
+        except Exception as error:
+            save_status(args, config, history, "failed")
+            kept = f"{args.results_path} keeps {len(history)} finished epoch(s)"
+            if isinstance(error, torch.OutOfMemoryError):
+                raise RunError(f"out of GPU memory in epoch {len(history) + 1} "
+                               f"({config['device']}); {kept}. A smaller --batch-size or "
+                               "--image-size needs less, as a new run (--overwrite, or another "
+                               "--run-name): bug.py's recipe takes about 11 GB") from None
+            if isinstance(error, RunError):
+                raise RunError(f"{error}; {kept}") from None
+            raise
+        rundir.save_results(args, config, history, "finished")
+    print(f"done: {args.results_path} and {args.checkpoint_path}")
+
+
+def one_epoch(model, criterion, optimizer, train_batches, test_batches, epoch, args, compiled):
+    """Train and test once; returns the epoch's entry of the results."""
+    # All randomness of the epoch (dropout, drop-connect; the data seed themselves) derives
+    # from (seed, epoch): a resumed run needs no saved RNG state to replay exactly.
+    torch.manual_seed(mix_seed(args.seed, epoch, 1))
+    cuda = args.device.type == "cuda"
+    if cuda:
+        if compiled:  # what the eager warm-up left cached would count as reserved
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(args.device)
+    start = time.perf_counter()
+    trained = train(model, train_batches, criterion, optimizer, epoch, args, compiled)
+    tested = validate(model, test_batches, criterion, epoch, args, compiled)
+    # Peak memory: allocated, as the report's figure counts. With CUDA graphs, reserved: a
+    # replayed graph's tensors live in a pool the allocator holds but does not count.
+    peak = (torch.cuda.max_memory_reserved if compiled else torch.cuda.max_memory_allocated)
+    return schema.record(
+        schema.EPOCH, epoch=epoch, train_loss=trained.loss(), train_acc=trained.accuracy(),
+        test_loss=tested.loss(), test_acc=tested.accuracy(),
+        epoch_seconds=time.perf_counter() - start, train_images_per_second=trained.rate(),
+        peak_gpu_memory_gib=peak(args.device) / 2**30 if cuda else None,
+        warmup_seconds=trained.warmup_seconds + tested.warmup_seconds if compiled else None)
+
+
+def train(model, batches, criterion, optimizer, epoch, args, compiled=False):
+    model.train()
+    batches.set_epoch(epoch)
+    meter = Meter(f"epoch {epoch} training", batches, args, compiled)
+    for images, labels in meter:
+        network = what_runs(model, args, compiled, len(labels))
+        if compiled:  # CUDA graphs: a step's outputs and gradients live in memory that the
+            # next replay overwrites, so nothing may outlive its step, not even a gradient
+            # that no optimizer clears (bug.py's BatchNorm parameters). No number changes.
+            torch.compiler.cudagraph_mark_step_begin()
+            model.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
+        with torch.autocast(args.device.type, torch.bfloat16, enabled=args.fast):
+            output = network(images)
+            loss = criterion(output, labels)
+        loss.backward()
+        optimizer.step()
+        meter.update(loss, output, labels)
+    return meter
+
+
+def validate(model, batches, criterion, epoch, args, compiled=False):
+    model.eval()
+    batches.set_epoch(epoch)
+    meter = Meter(f"epoch {epoch} test", batches, args, compiled)
+    with torch.no_grad():
+        for images, labels in meter:
+            network = what_runs(model, args, compiled, len(labels))
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(args.device.type, torch.bfloat16, enabled=args.fast):
+                output = network(images)
+                loss = criterion(output, labels)
+            meter.update(loss, output, labels)
+    return meter
+
+
+def what_runs(model, args, compiled, batch):
+    """The model a step calls. With --fast, the model itself, past DataParallel, which on its
+    one device only checks the device of 360 tensors a step (~0.5 ms of CPU); and a last,
+    smaller batch, once an epoch, eagerly: not worth a graph compiled for it alone."""
+    if not args.fast:
+        return model
+    return model.module.forward if compiled and batch < args.batch_size else model.module
+
+
+class Meter:
+    """Iterates the batches behind a progress bar and keeps the running loss and accuracy on
+    the device, read (one sync) once a second: then a NaN or infinite loss stops the run.
+
+    Times the steady state apart: with --fast, the first two steps compile and record the
+    CUDA graph; they, and a last, smaller batch, are left out of the steady images/s."""
+
+    def __init__(self, where, batches, args, compiled):
+        self.where, self.batches, self.device = where, batches, args.device
+        self.warmup_steps, self.batch_size = (2 if compiled else 0), args.batch_size
+        self.loss_sum = self.correct = self.images = 0
+        self.steady = []  # (seconds, images) where the steady state starts, and ends
+
+    def __iter__(self):
+        start = last_read = time.perf_counter()
+        with tqdm(self.batches, desc=self.where, unit="batch", leave=False,
+                  dynamic_ncols=True) as bar:
+            step = 0
+            for step, (images, labels) in enumerate(bar):
+                if step == self.warmup_steps or (len(labels) < self.batch_size
+                                                 and len(self.steady) == 1):
+                    self.mark()
+                yield images, labels
+                if time.perf_counter() - last_read >= 1.0:
+                    last_read = time.perf_counter()
+                    self.read(bar, step + 1, last_read - start)
+            self.read(bar, step + 1, time.perf_counter() - start)
+        self.seconds = time.perf_counter() - start
+        while len(self.steady) < 2:  # a loop that ended in, or right after, its warm-up
+            self.mark()
+
+    def update(self, loss, output, labels):
+        # float64: an epoch adds up to 12,500 batch losses
+        self.loss_sum = self.loss_sum + loss.detach().double() * len(labels)
+        self.correct = self.correct + (output.argmax(1) == labels).sum()
+        self.images += len(labels)
+
+    def mark(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.steady.append((time.perf_counter(), self.images))
+
+    def read(self, bar, steps, seconds):
+        loss = self.loss()
+        if loss != loss or abs(loss) == float("inf"):
+            raise RunError(f"the loss became NaN or infinite in {self.where} (by batch "
+                           f"{steps}): try a lower --lr, as a new run (--overwrite, or "
+                           "another --run-name)")
+        bar.set_postfix_str(f"loss {loss:.4f}  acc {self.accuracy():.2f}%  "
+                            f"{rate(self.images / seconds)} img/s", refresh=False)
+
+    def loss(self):
+        return float(self.loss_sum) / self.images if self.images else float("nan")
+
+    def accuracy(self):
+        return 100.0 * float(self.correct) / self.images if self.images else float("nan")
+
+    def rate(self):
+        """Images a second in the steady state, or over the whole loop if it had none."""
+        (start, first), (end, last) = self.steady
+        return (last - first) / (end - start) if last > first else self.images / self.seconds
+
+    @property
+    def warmup_seconds(self):
+        (start, _), (end, _) = self.steady
+        return self.seconds - (end - start)
+
+
+def speed_up(model, args):
+    """On CUDA, cuDNN picks the fastest algorithm for each shape in its first steps. With
+    --fast also channels_last, and torch.compile with CUDA graphs ("reduce-overhead": no
+    kernel-launch overhead, which bounds the eager step) where it can. True if compiled."""
+    torch.backends.cudnn.benchmark = args.device.type == "cuda"
+    if not args.fast:
+        return False
+    model.to(memory_format=torch.channels_last)
+    if args.device.type != "cuda":
+        problem = f"torch.compile with CUDA graphs needs CUDA, not {args.device.type}"
+    elif importlib.util.find_spec("triton") is None:  # (Windows) it would fail mid-run
+        problem = "torch.compile needs Triton, which is not installed"
+    elif torch.cuda.get_device_capability(args.device) < (8, 0):  # it would skip bf16 graphs
+        problem = ("torch.compile needs a GPU with native bf16 (compute capability 8.0 or "
+                   f"newer), not {describe(args.device)}")
+    else:  # in place: the state_dict's keys stay those of the bare EfficientNet
+        model.module.compile(mode="reduce-overhead", dynamic=False)
+        return True
+    print(f"--fast: {problem}; the rest of --fast applies, without torch.compile", flush=True)
+    return False
+
+
+def save_status(args, config, history, status):
+    try:
+        rundir.save_results(args, config, history, status)
+    except RunError:  # the full disk that failed the run may refuse this too
+        pass
+
+
+def describe(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def rate(images_per_second):
+    """82, 1,170, and on a CPU 0.21 rather than 0."""
+    if images_per_second >= 10:
+        return f"{images_per_second:,.0f}"
+    return f"{images_per_second:.2g}"
+
+
+def epoch_line(entry, epochs):
+    memory, warmup = entry["peak_gpu_memory_gib"], entry["warmup_seconds"]
+    peak = ("" if memory is None  # the CPU
+            else f", peak {memory:.2f} GiB" + ("" if warmup is None else " reserved"))
+    return (f"epoch {entry['epoch']}/{epochs}: train loss {entry['train_loss']:.4f} "
+            f"acc {entry['train_acc']:.2f}% | test loss {entry['test_loss']:.4f} "
+            f"acc {entry['test_acc']:.2f}% | {entry['epoch_seconds']:.1f} s, "
+            f"{rate(entry['train_images_per_second'])} train img/s{peak}"
+            + ("" if warmup is None else f", compile warm-up {warmup:.0f} s"))

@@ -1,0 +1,79 @@
+"""EfficientNet-b0 as the report builds it: ImageNet weights from efficientnet_pytorch,
+wrapped in nn.DataParallel."""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from efficientnet_pytorch import EfficientNet
+from efficientnet_pytorch.utils import url_map
+
+from .cli import RunError
+
+WEIGHTS_URL = url_map["efficientnet-b0"]
+WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]  # efficientnet-b0-355c32eb.pth
+
+
+def efficientnet_b0(args):
+    """EfficientNet-b0 with ImageNet weights (downloaded, or from --weights), or random
+    (--no-pretrained). Seeds torch first, so the script's new head is the same every run."""
+    torch.manual_seed(args.seed)
+    if args.no_pretrained:
+        return EfficientNet.from_name("efficientnet-b0")
+    if args.weights:
+        problem = weights_problem(args.weights)
+        if problem:
+            raise RunError(f"--weights {args.weights}: {problem}", status=2)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return EfficientNet.from_pretrained("efficientnet-b0", weights_path=args.weights and
+                                            str(args.weights))
+    except OSError as error:  # URLError is an OSError
+        raise RunError(f"the ImageNet weights could not be downloaded ({error}). Download "
+                       f"{WEIGHTS_FILE} from {WEIGHTS_URL} into {hub}/ or pass --weights "
+                       "PATH; or use --no-pretrained") from None
+    except Exception as error:  # a truncated copy in the hub's cache
+        raise RunError(f"{hub / WEIGHTS_FILE} is corrupt ({type(error).__name__}): delete "
+                       "it to download it again, or pass --weights PATH") from None
+
+
+def weights_problem(path):
+    """Why `path` is not an EfficientNet-b0 state dict in the published layout, or None."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: the message is what matters
+        return f"not a PyTorch state dict ({type(error).__name__})"
+    if isinstance(state, dict) and {"model", "optimizer", "history"} <= state.keys():
+        return "a checkpoint of a run (for --resume), not ImageNet weights"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "not a state dict of tensors"
+    expected = EfficientNet.from_name("efficientnet-b0").state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        return f"not an EfficientNet-b0 state dict ({len(missing)} keys missing, e.g. {missing[0]})"
+    wrong = next((k for k in expected if state[k].shape != expected[k].shape), None)
+    if wrong:
+        return (f"not EfficientNet-b0's shapes ({wrong} is {tuple(state[wrong].shape)}, "
+                f"expected {tuple(expected[wrong].shape)})")
+    return None
+
+
+def data_parallel(model, device):
+    """nn.DataParallel on the one selected device, as the report has it (so `.module`
+    exists), whatever the number of GPUs on the host."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # where the loader pins memory, and nothing on GPU 0
+        return nn.DataParallel(model, device_ids=[device.index or 0])
+    parallel = nn.DataParallel(model)  # without CUDA, a plain wrapper
+    if parallel.device_ids:  # a GPU host, yet --device cpu: keep the model on the CPU
+        parallel.device_ids = []  # forward() then calls the module directly
+        parallel.module.to(device)
+    return parallel
+
+
+def count_params(model, optimizer):
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = list(model.parameters())
+    return dict(
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        updated_params=sum(p.numel() for p in params if p.requires_grad and id(p) in in_optimizer))

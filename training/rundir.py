@@ -1,0 +1,103 @@
+"""A run's files in --output-dir: NAME.json (results, rewritten after every epoch), NAME.pth
+(the checkpoint), and .NAME.lock, which makes one process their only writer.
+
+Every write goes to a temp file, is flushed to disk, then renamed over the old file: a crash
+at any instant leaves the previous complete file or the new one. The checkpoint, written
+first, carries the whole history, so the JSON is always a prefix of it and a resumed run
+rebuilds the JSON from it."""
+import errno
+import io
+import json
+import os
+from contextlib import contextmanager
+
+import torch
+from filelock import FileLock, Timeout
+
+import schema
+from .cli import RunError, files_problem
+
+
+@contextmanager
+def sole_writer(args):
+    """Hold the run's lock while the block runs, or refuse: two processes writing the same
+    files would splice two runs together. The lock is the kernel's (flock): it goes with
+    the process, however the process ends, SIGKILL included."""
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"--output-dir {args.output_dir}: cannot create it ({error.strerror})")
+    lock = FileLock(args.output_dir / f".{args.run_name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunError(f"{args.results_path}: another run is writing it: stop that one "
+                       "first, or pick another --run-name", status=2) from None
+    try:
+        # Again, now that no other run can write them: one may have ended since start-up.
+        problem = files_problem(args)
+        if problem:
+            raise RunError(problem, status=2)
+        for path in (args.results_path, args.checkpoint_path):  # what a killed write left
+            path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
+
+
+def save_results(args, config, history, status):
+    document = schema.record(schema.RESULTS, script=args.script, run_name=args.run_name,
+                             status=status, config=config, epochs=history)
+    atomic_write(args.results_path, json.dumps(document, indent=2).encode())
+
+
+def save_checkpoint(args, model, optimizer, config, history):
+    state = {"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+             "epoch": len(history), "config": config, "history": history}
+    buffer = io.BytesIO()  # serialised first, so that a full disk is a plain OSError below
+    torch.save(state, buffer)
+    atomic_write(args.checkpoint_path, buffer.getbuffer())
+
+
+def load_checkpoint(args, config):
+    """The checkpoint to resume, if it is of this recipe."""
+    path = args.checkpoint_path
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        epoch, history, saved = state["epoch"], state["history"], state["config"]
+    except Exception as error:  # truncated, corrupt or foreign: all mean "cannot resume"
+        raise RunError(f"cannot resume: {path} is corrupt or not a checkpoint of this "
+                       f"project ({type(error).__name__}); start afresh with --overwrite")
+    differ = [key for key in schema.RECIPE if saved.get(key) != config[key]]
+    if differ:
+        details = ", ".join(f"{k} {saved.get(k)!r} there, {config[k]!r} here" for k in differ)
+        raise RunError(f"cannot resume: {path} is another recipe ({details}); use the same "
+                       "settings, or another --run-name")
+    if len(history) != epoch:
+        raise RunError(f"cannot resume: {path} is inconsistent ({epoch} epochs, "
+                       f"{len(history)} of history); start afresh with --overwrite")
+    return state
+
+
+def atomic_write(path, data):
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException as error:  # a full disk, a signal: no partial file left behind
+        temp.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"{path.parent} is full (no space left for {path.name}): free "
+                           "some space, then continue with --resume") from None
+        raise RunError(f"cannot write {path}: {error.strerror}") from None
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
