@@ -207,6 +207,8 @@ def test_a_bad_command_line_is_refused_before_anything_loads(monkeypatch, capsys
 def test_real_processes_refuse_or_fail_in_one_line_and_import_silently(tmp_path):
     """Offline: status, one error line, no stdout, nothing written; `import bug, fixed` silent."""
     Path("weights").mkdir()
+    Path("junk.pth").write_text("not weights")
+    Path("locked/.fixed.lock").mkdir(parents=True)  # the lock cannot be taken
     files = tree()
     cases = [  # python's argv, exit status, how the one error line starts
         (["-c", "import bug, fixed"], 0, None),  # no output at all
@@ -214,14 +216,19 @@ def test_real_processes_refuse_or_fail_in_one_line_and_import_silently(tmp_path)
         ([REPO / "fixed.py", "--device", "cpu", "--weights", "weights"], 2,
          "fixed.py: error: --weights weights: is a directory"),
         ([REPO / "fixed.py", *SMALL], 1,  # and only that line: no progress bar
-         "fixed.py: error: CIFAR-100 is not in data/ and could not be downloaded")]
+         "fixed.py: error: CIFAR-100 is not in data/ and could not be downloaded"),
+        ([REPO / "fixed.py", "--device", "cpu", "--weights", "junk.pth"], 2,  # before CIFAR
+         "fixed.py: error: --weights junk.pth: not a PyTorch state dict"),
+        ([REPO / "fixed.py", *TINY, "--output-dir", "locked"], 2,
+         "fixed.py: error: cannot lock locked/.fixed.lock")]
     with ThreadPoolExecutor(2) as pool:  # CI's 2 cores
         procs = list(pool.map(lambda case: subprocess.run(
             [sys.executable, *case[0]], cwd=tmp_path, env={**OFFLINE, "PYTHONPATH": str(REPO)},
             capture_output=True, text=True, timeout=300), cases))
     assert (procs[0].returncode, procs[0].stdout, procs[0].stderr) == (0, "", "")
     for proc, (_, status, start) in zip(procs[1:], cases[1:]):
-        assert one_error_line(proc, status).startswith(start) and proc.stdout == ""
+        assert one_error_line(proc, status).startswith(start)
+        assert proc.stdout == "" or proc is procs[-1]  # the lock is taken once loaded
     assert procs[3].stderr.count("\n") == 1
     assert all(w in procs[3].stderr for w in (ARCHIVE, training.data.CIFAR_URL, "--dummy"))
     assert tree() == files

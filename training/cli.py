@@ -42,10 +42,15 @@ def command_line(script_file, description, *, epochs, batch_size, lr, image_size
     """Parse the script's command line, then run the block under the one top-level handler:
     a RunError or a stop signal ends the process with one line, anything unexpected with
     its traceback (which a bug report needs); both exit non-zero."""
+    from .model import weights_problem  # (model.py imports RunError from here)
+
     args = parse_args(script_file, description, epochs=epochs, batch_size=batch_size, lr=lr,
                       image_size=image_size)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
+        problem = args.weights and weights_problem(args.weights)
+        if problem:  # before the data set loads (or downloads): it is read first
+            raise RunError(f"--weights {args.weights}: {problem}", status=2)
         yield args
         return
     except RunError as error:

@@ -113,9 +113,9 @@ class DeviceBatches:
     def __init__(self, view, sampler, args):
         self.sampler, self.device, self.size = sampler, args.device, args.image_size
         self.batch_size, self.seed, self.train = args.batch_size, args.seed, sampler.shuffle
-        images, labels = np.asarray(view.images.data), np.asarray(view.images.targets)
-        self.images = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(labels).to(self.device)
+        images = torch.from_numpy(np.asarray(view.images.data))
+        self.images = images.to(self.device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.as_tensor(view.images.targets, dtype=torch.long, device=self.device)
         # ToTensor's scaling and Normalize in one multiply-add: (x / 255 - mean) / std.
         scale, mean, std = normalize_constants(view.normalize, self.device)
         self.gain, self.shift = 1 / (scale * std), -mean / std

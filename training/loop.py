@@ -69,7 +69,7 @@ def run(args, model, criterion, optimizer, train_data, test_data):
         except Exception as error:
             save_status(args, config, history, "failed")
             kept = f"{args.results_path} keeps {len(history)} finished epoch(s)"
-            if isinstance(error, torch.OutOfMemoryError):
+            if torch.OutOfMemoryError in (type(error), type(error.__cause__)):
                 raise RunError(f"out of GPU memory in epoch {len(history) + 1} "
                                f"({config['device']}); {kept}. A smaller --batch-size or "
                                "--image-size needs less, as a new run (--overwrite, or another "

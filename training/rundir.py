@@ -33,6 +33,8 @@ def sole_writer(args):
     except Timeout:
         raise RunError(f"{args.results_path}: another run is writing it: stop that one "
                        "first, or pick another --run-name", status=2) from None
+    except OSError as error:  # a folder in its place, another user's lock file
+        raise RunError(f"cannot lock {lock.lock_file}: {error.strerror}", status=2) from None
     try:
         # Again, now that no other run can write them: one may have ended since start-up.
         problem = files_problem(args)
