@@ -32,7 +32,8 @@ for size, n in ((224, 32), (1024, 4)):
         want.append(F.pil_to_tensor(F.rotate(image, float(angles[i]),
                                              InterpolationMode.NEAREST, fill=0)))
     diff = (got.cpu() - torch.stack(want).float()).abs()
-    out[f"fidelity_{size}"] = dict(mean=diff.mean().item(), within1=(diff <= 1).float().mean().item())
+    out[f"fidelity_{size}"] = dict(mean=diff.mean().item(),
+                                   within1=(diff <= 1).float().mean().item())
 
 built = build("fixed.py", "--dummy", "--no-pretrained", "--device", "cuda", "--fast",
               "--workers", "0", "--output-dir", "/tmp/gpu_check")

@@ -25,7 +25,8 @@ def write_run(tmp_path, run_name, epochs, *, script="fixed", status="finished", 
               image_size=224, batch_size=64, lr=0.005, trainable=4135648, updated=None,
               dummy=False, device="NVIDIA H100 80GB HBM3"):
     config = dict(script=script, weights=None, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer="Adam", epochs=total, seed=0, total_params=4135648, trainable_params=trainable,
+                  lr=lr, optimizer="Adam", epochs=total, seed=0, total_params=4135648,
+                  trainable_params=trainable,
                   updated_params=trainable if updated is None else updated,
                   pretrained="imagenet", dummy=dummy, fast=False, device=device,
                   torch="2.14.1", workers=8, limit_train_batches=None, limit_eval_batches=None)
