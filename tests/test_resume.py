@@ -1,7 +1,5 @@
-"""Stopping, resuming and failing a run, end to end, on the tiny CPU run of conftest.TINY.
-
-Processes start slowly: fixture `runs` starts its runs, two at a time in the background, at the
-first test, while the signal tests run theirs here; refusals run __main__ in this process."""
+"""Stopping, resuming and failing a run, end to end, on conftest.TINY's CPU run. Fixture `runs`
+starts its runs two at a time in the background; refusals run __main__ in this process."""
 import io
 import json
 import os
@@ -26,8 +24,7 @@ from conftest import ENV, REPO, TINY, build, one_error_line, run_script
 FIXED, EPOCHS = [sys.executable, str(REPO / "fixed.py")], ["--epochs", "3"]
 TIMING = {"epoch_seconds", "train_images_per_second", "warmup_seconds"}
 LONG = ["--epochs", "100", "--limit-train-batches", "5", "--workers", "2"]  # until stopped
-# Found by trying (one training batch an epoch): the test loss is ~1e32 after epoch 1 and
-# overflows float32 in epoch 2, for --seed 0 to 3 and lr 0.55 to 0.65 alike.
+# Found by trying: the test loss is ~1e32 after epoch 1 and overflows in epoch 2.
 NON_FINITE = ["--limit-train-batches", "1", "--lr", "0.6"]
 # Every recipe key the command line can change: the change, its value there (TINY) and here.
 # Not here: script (the bug.py case), optimizer (each script's own), dummy (real CIFAR-100).
@@ -43,7 +40,6 @@ REFUSALS = {  # case: (exit status, what the one line says)
     "another-recipe": (1, ["another recipe", *(f"{key} {there!r} there, {here!r} here" for
                                                key, (_, there, here) in RECIPE_CHANGES.items())]),
     "bug.py": (1, ["another recipe", "script 'fixed' there, 'bug' here"])}
-# A checkpoint made elsewhere: every setting outside the recipe differs from this run's.
 ELSEWHERE = dict(epochs=99, total_params=1, trainable_params=1, updated_params=1, workers=15,
                  weights="elsewhere/b0.pth", device="NVIDIA H200", torch="2.0.0")
 
@@ -189,8 +185,6 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(built, tmp_path, mo
     assert json.loads(args.results_path.read_text())["status"] == "failed"
 
 
-# --------------------------------------------------------------------- the runs
-
 @pytest.fixture(scope="module", autouse=True)
 def runs(tmp_path_factory):
     """{name: future} of the runs below, two at a time from the first test on (or why not)."""
@@ -328,8 +322,6 @@ runpy.run_path(fixed, run_name="__main__")
 """, FIXED[1]]
 
 
-# --------------------------------------------------------------------- helpers
-
 def tiny(out, *extra):
     return [*TINY, "--output-dir", str(out), *extra]
 
@@ -387,8 +379,7 @@ def temps(out):
     return sorted(path.name for path in out.glob(".*.tmp"))
 
 
-def wait_for_epochs(out, proc, epochs, timeout=180):
-    """Until the results JSON holds `epochs` finished epochs."""
+def wait_for_epochs(out, proc, epochs, timeout=180):  # until the JSON holds `epochs` epochs
     deadline, results = time.monotonic() + timeout, out / "fixed.json"
     while not results.exists() or len(json.loads(results.read_text())["epochs"]) < epochs:
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before epoch {epochs}"
