@@ -1,5 +1,4 @@
-"""Shared test helpers: run a script as a user would (a subprocess), or build what a script
-builds (its args, model, optimizer, data) in-process, without training."""
+"""Run a script as a user would (a subprocess), or build what it builds, in-process."""
 import importlib
 import os
 import subprocess
@@ -12,14 +11,12 @@ import pytest
 import training
 
 REPO = Path(__file__).resolve().parents[1]
-# One thread per process: the suite runs processes side by side on CI's 2 cores, and all
-# share the same numerics.
+# One thread a process: runs go side by side on CI's 2 cores, all with the same numerics.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # A run small enough for a 2-core CPU: synthetic data, random weights, small images.
-TINY = ["--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0",
-        "--image-size", "32", "--batch-size", "4",
-        "--limit-train-batches", "2", "--limit-eval-batches", "1"]
+TINY = ["--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0", "--image-size", "32",
+        "--batch-size", "4", "--limit-train-batches", "2", "--limit-eval-batches", "1"]
 
 
 def run_script(script, *args, cwd=None, env=None, timeout=300):

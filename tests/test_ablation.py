@@ -12,12 +12,8 @@ from training.model import count_params
 
 FLAGS = ["--dummy", "--device", "cpu", "--no-pretrained", "--epochs", "2"]
 # rung: (image size, batch size, lr, parameters the optimizer updates)
-LADDER = {
-    "bug": (1024, 4, 0.01, 0),
-    "unfreeze-only": (1024, 4, 0.01, 4_135_648),
-    "unfreeze-224px": (224, 4, 0.01, 4_135_648),
-    "fixed": (224, 64, 0.005, 4_135_648),
-}
+LADDER = {"bug": (1024, 4, 0.01, 0), "unfreeze-only": (1024, 4, 0.01, 4_135_648),
+          "unfreeze-224px": (224, 4, 0.01, 4_135_648), "fixed": (224, 64, 0.005, 4_135_648)}
 
 
 def ablation(tmp_path, *argv):

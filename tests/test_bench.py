@@ -1,5 +1,4 @@
-"""bench.py's CPU smoke: all four rows at tiny size, the table printed last, the JSON; and
-its refusals, each in one line."""
+"""bench.py's CPU smoke (four tiny rows, the table last, the JSON) and its one-line refusals."""
 import json
 import math
 import time

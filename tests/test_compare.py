@@ -23,7 +23,7 @@ DUMMY_EPOCHS = [(30.0, 3.00, 3.10, 2.0, 500.0, None)]
 
 def write_run(tmp_path, run_name, epochs, *, script="fixed", status="finished", total=3,
               image_size=224, batch_size=64, lr=0.005, trainable=4135648, updated=None,
-              dummy=False, device="NVIDIA H100 80GB HBM3"):
+              dummy=False, device="NVIDIA H100 80GB HBM3", warmup=None):
     config = dict(script=script, weights=None, image_size=image_size, batch_size=batch_size,
                   lr=lr, optimizer="Adam", epochs=total, seed=0, total_params=4135648,
                   trainable_params=trainable,
@@ -32,7 +32,7 @@ def write_run(tmp_path, run_name, epochs, *, script="fixed", status="finished", 
                   torch="2.14.1", workers=8, limit_train_batches=None, limit_eval_batches=None)
     entries = [dict(epoch=i, train_loss=train, train_acc=acc / 2, test_loss=test, test_acc=acc,
                     epoch_seconds=seconds, train_images_per_second=speed, peak_gpu_memory_gib=gib,
-                    warmup_seconds=None)
+                    warmup_seconds=warmup)
                for i, (acc, train, test, seconds, speed, gib) in enumerate(epochs, start=1)]
     path = tmp_path / f"{run_name}.json"
     path.write_text(json.dumps(dict(script=script, run_name=run_name, status=status,
@@ -42,13 +42,11 @@ def write_run(tmp_path, run_name, epochs, *, script="fixed", status="finished", 
 
 @pytest.fixture
 def runs(tmp_path):
-    return [
-        write_run(tmp_path, "bug", BUG_EPOCHS, script="bug", image_size=1024, batch_size=4,
-                  lr=0.01, trainable=42016, updated=0),
-        write_run(tmp_path, "fixed", FIXED_EPOCHS, status="running"),
-        write_run(tmp_path, "cpu-run", CPU_EPOCHS, status="interrupted", total=5, device="cpu"),
-        write_run(tmp_path, "smoke", DUMMY_EPOCHS, total=1, dummy=True, device="cpu"),
-    ]
+    return [write_run(tmp_path, "bug", BUG_EPOCHS, script="bug", image_size=1024, batch_size=4,
+                      lr=0.01, trainable=42016, updated=0),
+            write_run(tmp_path, "fixed", FIXED_EPOCHS, status="running"),
+            write_run(tmp_path, "cpu-run", CPU_EPOCHS, status="interrupted", total=5, device="cpu"),
+            write_run(tmp_path, "smoke", DUMMY_EPOCHS, total=1, dummy=True, device="cpu")]
 
 
 def table_rows(text, title=None):
@@ -107,13 +105,8 @@ def test_ratios_against_first_run(runs, capsys):
 
 
 def test_a_compiled_fast_runs_memory_is_said_to_be_reserved(runs, tmp_path, capsys):
-    """--fast's compiled runs report reserved GPU memory (CUDA graphs' pool), the others
-    allocated: the table says which runs are which."""
-    fast = write_run(tmp_path, "fast", FIXED_EPOCHS)
-    document = json.loads(fast.read_text())
-    for entry in document["epochs"]:
-        entry["warmup_seconds"] = 90.0 if entry["epoch"] == 1 else 0.0
-    fast.write_text(json.dumps(document))
+    """A compiled --fast run (its epochs have a warm-up) reports reserved memory: said so."""
+    fast = write_run(tmp_path, "fast", FIXED_EPOCHS, warmup=90.0)
     compare.main([str(runs[0]), str(fast)])
     out = capsys.readouterr().out
     assert "note: peak GiB of fast is reserved memory" in out

@@ -1,7 +1,5 @@
-"""The batches a run trains on, and what --fast changes, on the CPU: --fast's data set held
-on the device gives the default path's order, replays for the same (seed, epoch), and its
-test images are the report's; the steady images/s leave the compile warm-up out; the fix
-learns the synthetic set with --fast too."""
+"""--fast on the CPU: its batches keep the default path's order and replay; its test images
+are the report's; steady images/s leave the warm-up out; it learns the synthetic set."""
 import json
 import time
 
