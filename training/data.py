@@ -1,9 +1,9 @@
 """CIFAR-100 (or --dummy's synthetic twin) through the report's transforms, and the batches
-a run trains on: from DataLoader workers, or with --fast from a copy of the data set kept on
-the device. Either way an epoch's order and augmentation are functions of (seed, epoch)
-alone: results do not depend on --workers, and a resumed run replays exactly."""
+of an epoch: from DataLoader workers, or with --fast from a copy kept on the device. Either
+way an epoch is a function of (seed, epoch) alone: not of --workers, and a resume replays."""
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,11 +40,10 @@ def report_transforms(image_size):
 
 
 def cifar100(args):
-    """Train and test sets (torchvision's CIFAR100, or the synthetic set) seen through the
-    report's transforms at --image-size."""
+    """Train and test sets (CIFAR-100, or --dummy's) through the report's transforms."""
     train_transforms, test_transforms = report_transforms(args.image_size)
     if args.dummy:
-        train_set, test_set = (SyntheticCIFAR100(train, args.seed) for train in (True, False))
+        train_set, test_set = (synthetic_cifar100(train, args.seed) for train in (True, False))
     else:
         train_set, test_set = (load_cifar100(args.data_dir, train) for train in (True, False))
     return (SeededView(train_set, train_transforms, args.seed),
@@ -63,14 +62,12 @@ def batches(view, args, train):
 
 
 class LoaderBatches:
-    """The report's pipeline, PIL transforms in DataLoader workers. They stop at uint8
-    (a quarter of float32's bytes to pass between processes and pin), and the last two
-    transforms, ToTensor's scaling and Normalize, run on the device with the very same
-    float32 arithmetic: bit-identical numbers."""
+    """The report's PIL transforms in DataLoader workers. They stop at uint8 (a quarter of
+    float32's bytes to pass between processes), and ToTensor's scaling and Normalize run on
+    the device with the very same float32 arithmetic: bit-identical numbers."""
 
     def __init__(self, view, sampler, args):
-        self.view, self.sampler, self.device = view, sampler, args.device
-        self.memory_format = torch.channels_last if args.fast else torch.contiguous_format
+        self.view, self.device = view, args.device
         self.loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler,
                                  num_workers=args.workers, persistent_workers=args.workers > 0,
                                  pin_memory=args.device.type == "cuda",
@@ -86,9 +83,7 @@ class LoaderBatches:
     def __iter__(self):
         scale, mean, std = normalize_constants(self.view.normalize, self.device)
         for images, labels in self.loader:
-            # The layout first, while the images are uint8 and a quarter of the bytes.
-            images = images.to(self.device, non_blocking=True).contiguous(
-                memory_format=self.memory_format)
+            images = images.to(self.device, non_blocking=True)
             # ToTensor's img.float().div(255), then Normalize's sub_(mean).div_(std). Not the
             # Normalize module itself: it checks `(std == 0).any()`, a GPU sync a step.
             images = images.float().div_(scale).sub_(mean).div_(std)
@@ -104,11 +99,9 @@ def leave_the_terminals_group(worker_id):
 
 
 class DeviceBatches:
-    """--fast: the data set copied once to the device as uint8 (50,000 x 3 x 32 x 32, 146 MiB
-    for training), gathered by index in the sampler's order and augmented there in whole
-    batches (training/augment.py): no workers, no per-image Python, no host sync. The
-    random draws come from a generator on the device seeded from (seed, epoch): a run and
-    its resumption replay on the same GPU."""
+    """--fast: the data set copied once to the device as uint8, gathered in the sampler's
+    order and augmented there in whole batches (augment.py): no workers, no per-image
+    Python, no host sync. Its draws are seeded from (seed, epoch): a resume replays."""
 
     def __init__(self, view, sampler, args):
         self.sampler, self.device, self.size = sampler, args.device, args.image_size
@@ -146,9 +139,8 @@ def normalize_constants(normalize, device):
 
 
 class SeededView(Dataset):
-    """A data set seen through a transform whose randomness is a function of (seed, epoch,
-    index), indexed by the sampler's (epoch, index) keys. The transform's ToTensor() and
-    Normalize() are left to the batches (see LoaderBatches), which find the latter here."""
+    """A data set through a transform whose randomness is a function of (seed, epoch, index),
+    at the sampler's (epoch, index) keys. ToTensor() and Normalize() are left to the batches."""
 
     def __init__(self, images, transform, seed):
         self.images, self.seed = images, seed
@@ -157,11 +149,11 @@ class SeededView(Dataset):
         self.transform = transforms.Compose([*head, transforms.PILToTensor()])
 
     def __len__(self):
-        return len(self.images)
+        return len(self.images.data)
 
     def __getitem__(self, key):
         epoch, index = key
-        image, label = self.images[index]
+        image, label = Image.fromarray(self.images.data[index]), self.images.targets[index]
         # Seed only the CPU generator torchvision's random transforms draw from, and put it
         # back afterwards, so that loading never disturbs the model's own randomness.
         with torch.random.fork_rng(devices=[]):
@@ -197,30 +189,19 @@ def mix_seed(*numbers):
     return int(np.random.SeedSequence(numbers).generate_state(1)[0])
 
 
-class SyntheticCIFAR100(Dataset):
-    """CIFAR-100-shaped synthetic images, held as torchvision's CIFAR100 holds its own
-    (`data`, N x 32 x 32 x 3 uint8, and `targets`): one colour per class plus noise, so a
-    model that trains can learn it and one that does not stays at chance."""
-
-    def __init__(self, train, seed=0):
-        colours = np.random.default_rng(seed).integers(0, 256, (NUM_CLASSES, 3), dtype=np.int16)
-        rng = np.random.default_rng([seed, int(train)])  # the same classes, other images
-        size = TRAIN_IMAGES if train else TEST_IMAGES
-        self.targets = rng.integers(NUM_CLASSES, size=size).tolist()
-        noise = rng.integers(-64, 65, (size, 32, 32, 3), dtype=np.int16)
-        noise += colours[self.targets][:, None, None]
-        self.data = noise.clip(0, 255).astype(np.uint8)
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, index):
-        return Image.fromarray(self.data[index]), self.targets[index]
+def synthetic_cifar100(train, seed):
+    """CIFAR-100-shaped images, held as CIFAR100 holds its own (`data`, `targets`): a colour
+    per class plus noise, that a model which trains learns, and one which does not cannot."""
+    colours = np.random.default_rng(seed).integers(0, 256, (NUM_CLASSES, 3), dtype=np.int16)
+    rng = np.random.default_rng([seed, int(train)])  # the same classes, other images
+    size = TRAIN_IMAGES if train else TEST_IMAGES
+    targets = rng.integers(NUM_CLASSES, size=size)
+    images = rng.integers(-64, 65, (size, 32, 32, 3), dtype=np.int16) + colours[targets, None, None]
+    return SimpleNamespace(data=images.clip(0, 255).astype(np.uint8), targets=targets.tolist())
 
 
 def load_cifar100(folder, train):
-    """torchvision's CIFAR100 from `folder`, downloaded there if missing, or one line that
-    says what is wrong and what to do."""
+    """torchvision's CIFAR100 from `folder`, downloaded if missing, or a RunError."""
     # The outermost folder the download makes, to take away again if it fails.
     made = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     try:
@@ -230,12 +211,11 @@ def load_cifar100(folder, train):
             shutil.rmtree(made)
         if isinstance(error, PermissionError):
             raise RunError(f"--data-dir {folder}: {error.strerror} ({error.filename})")
-        archive = folder / CIFAR_ARCHIVE
+        archive, unpacked = folder / CIFAR_ARCHIVE, folder / datasets.CIFAR100.base_folder
         if archive.is_file() and not check_integrity(archive, datasets.CIFAR100.tgz_md5):
             problem = f"{archive} is incomplete or corrupt (its MD5 checksum does not match)"
-        elif (folder / datasets.CIFAR100.base_folder).exists():
-            problem = (f"{folder / datasets.CIFAR100.base_folder} is incomplete or corrupt "
-                       "(its checksums do not match)")
+        elif unpacked.exists():
+            problem = f"{unpacked} is incomplete or corrupt (its checksums do not match)"
         else:
             problem = f"CIFAR-100 is not in {folder}/"
         raise RunError(f"{problem} and could not be downloaded ({error}). Download "

@@ -1,8 +1,8 @@
-"""The run: train to --epochs, testing after every epoch and saving the checkpoint and the
-results (training/rundir.py); then train() and validate(), the loops the report's user
-would have written."""
+"""run() trains to --epochs, testing and saving after every epoch; then train() and
+validate(), the loops the report's user would have written."""
 import importlib.util
 import time
+from contextlib import suppress
 
 import torch
 from tqdm import tqdm
@@ -15,9 +15,8 @@ from .model import WEIGHTS_URL, count_params
 
 
 def run(args, model, criterion, optimizer, train_data, test_data):
-    """Train to --epochs. A failure, a Ctrl-C or a SIGTERM leaves the results saying so
-    ("failed", "interrupted") and every finished epoch kept, then goes up to the script's
-    one handler (training.command_line)."""
+    """Train to --epochs. A failure, Ctrl-C or SIGTERM leaves every finished epoch and a true
+    status in the results, then goes up to the one handler (training.command_line)."""
     config = schema.record(
         schema.CONFIG, script=args.script, image_size=args.image_size,
         batch_size=args.batch_size, lr=args.lr, optimizer=type(optimizer).__name__,
@@ -40,15 +39,10 @@ def run(args, model, criterion, optimizer, train_data, test_data):
             model.module.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             history = state["history"]
+            config["epochs"] = max(args.epochs, len(history))  # what it holds, if more
         else:  # the old JSON first: it must never sit beside the new run's checkpoint
             args.results_path.unlink(missing_ok=True)
             rundir.save_checkpoint(args, model, optimizer, config, history)
-        if len(history) >= args.epochs:
-            config["epochs"] = len(history)  # what it holds, not the fewer asked for
-            rundir.save_results(args, config, history, "finished")
-            print(f"{args.checkpoint_path} already holds {len(history)} epochs; raise "
-                  "--epochs to go on")
-            return
         rundir.save_results(args, config, history, "running")
         try:
             compiled = speed_up(model, args)
@@ -62,12 +56,14 @@ def run(args, model, criterion, optimizer, train_data, test_data):
                 rundir.save_results(args, config, history, "running")
                 print(epoch_line(entry, args.epochs), flush=True)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (training.Terminated)
-            save_status(args, config, history, "interrupted")
+            with suppress(RunError):  # the full disk that failed the run may refuse this too
+                rundir.save_results(args, config, history, "interrupted")
             raise type(stop)(f"stopped in epoch {len(history) + 1}; {args.results_path} "
                              f"keeps {len(history)} finished epoch(s). Resume with:\n  "
                              f"{resume_command()}") from None
         except Exception as error:
-            save_status(args, config, history, "failed")
+            with suppress(RunError):
+                rundir.save_results(args, config, history, "failed")
             kept = f"{args.results_path} keeps {len(history)} finished epoch(s)"
             if torch.OutOfMemoryError in (type(error), type(error.__cause__)):
                 raise RunError(f"out of GPU memory in epoch {len(history) + 1} "
@@ -83,8 +79,7 @@ def run(args, model, criterion, optimizer, train_data, test_data):
 
 def one_epoch(model, criterion, optimizer, train_batches, test_batches, epoch, args, compiled):
     """Train and test once; returns the epoch's entry of the results."""
-    # All randomness of the epoch (dropout, drop-connect; the data seed themselves) derives
-    # from (seed, epoch): a resumed run needs no saved RNG state to replay exactly.
+    # Dropout and drop-connect draw from (seed, epoch), as the data do: a resume replays.
     torch.manual_seed(mix_seed(args.seed, epoch, 1))
     cuda = args.device.type == "cuda"
     if cuda:
@@ -143,9 +138,8 @@ def validate(model, batches, criterion, epoch, args, compiled=False):
 
 
 def what_runs(model, args, compiled, batch):
-    """The model a step calls. With --fast, the model itself, past DataParallel, which on its
-    one device only checks the device of 360 tensors a step (~0.5 ms of CPU); and a last,
-    smaller batch, once an epoch, eagerly: not worth a graph compiled for it alone."""
+    """With --fast, the model past DataParallel (on one device it only checks the devices of
+    360 tensors a step), and a last, smaller batch eagerly: not worth a graph of its own."""
     if not args.fast:
         return model
     return model.module.forward if compiled and batch < args.batch_size else model.module
@@ -154,33 +148,31 @@ def what_runs(model, args, compiled, batch):
 class Meter:
     """Iterates the batches behind a progress bar and keeps the running loss and accuracy on
     the device, read (one sync) once a second: then a NaN or infinite loss stops the run.
-
-    Times the steady state apart: with --fast, the first two steps compile and record the
-    CUDA graph; they, and a last, smaller batch, are left out of the steady images/s."""
+    Its images/s are the steady state's: without --fast's first two steps (they compile
+    and record the CUDA graph) and a last, smaller batch."""
 
     def __init__(self, where, batches, args, compiled):
-        self.where, self.batches, self.device = where, batches, args.device
-        self.warmup_steps, self.batch_size = (2 if compiled else 0), args.batch_size
+        self.where, self.batches, self.args = where, batches, args
+        self.warmup_steps = 2 if compiled else 0
         self.loss_sum = self.correct = self.images = 0
-        self.steady = []  # (seconds, images) where the steady state starts, and ends
+        self.marks = []  # (time, images) where the steady state starts, and where it ends
 
     def __iter__(self):
         start = last_read = time.perf_counter()
         with tqdm(self.batches, desc=self.where, unit="batch", leave=False,
                   dynamic_ncols=True) as bar:
-            step = 0
             for step, (images, labels) in enumerate(bar):
-                if step == self.warmup_steps or (len(labels) < self.batch_size
-                                                 and len(self.steady) == 1):
+                if step == self.warmup_steps or self.marks and len(labels) < self.args.batch_size:
                     self.mark()
                 yield images, labels
                 if time.perf_counter() - last_read >= 1.0:
                     last_read = time.perf_counter()
-                    self.read(bar, step + 1, last_read - start)
-            self.read(bar, step + 1, time.perf_counter() - start)
+                    self.read(bar, last_read - start)
+            self.read(bar, time.perf_counter() - start)
+        self.mark()
         self.seconds = time.perf_counter() - start
-        while len(self.steady) < 2:  # a loop that ended in, or right after, its warm-up
-            self.mark()
+        (start, first), (end, last) = self.marks[0], self.marks[min(1, len(self.marks) - 1)]
+        self.steady_images, self.warmup_seconds = last - first, self.seconds - (end - start)
 
     def update(self, loss, output, labels):
         # float64: an epoch adds up to 12,500 batch losses
@@ -189,16 +181,16 @@ class Meter:
         self.images += len(labels)
 
     def mark(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.steady.append((time.perf_counter(), self.images))
+        if self.args.device.type == "cuda":
+            torch.cuda.synchronize(self.args.device)
+        self.marks.append((time.perf_counter(), self.images))
 
-    def read(self, bar, steps, seconds):
+    def read(self, bar, seconds):
         loss = self.loss()
         if loss != loss or abs(loss) == float("inf"):
-            raise RunError(f"the loss became NaN or infinite in {self.where} (by batch "
-                           f"{steps}): try a lower --lr, as a new run (--overwrite, or "
-                           "another --run-name)")
+            raise RunError(f"the loss became NaN or infinite in {self.where} (after "
+                           f"{self.images} images): try a lower --lr, as a new run "
+                           "(--overwrite, or another --run-name)")
         bar.set_postfix_str(f"loss {loss:.4f}  acc {self.accuracy():.2f}%  "
                             f"{rate(self.images / seconds)} img/s", refresh=False)
 
@@ -210,19 +202,14 @@ class Meter:
 
     def rate(self):
         """Images a second in the steady state, or over the whole loop if it had none."""
-        (start, first), (end, last) = self.steady
-        return (last - first) / (end - start) if last > first else self.images / self.seconds
-
-    @property
-    def warmup_seconds(self):
-        (start, _), (end, _) = self.steady
-        return self.seconds - (end - start)
+        if not self.steady_images:
+            return self.images / self.seconds
+        return self.steady_images / (self.seconds - self.warmup_seconds)
 
 
 def speed_up(model, args):
-    """On CUDA, cuDNN picks the fastest algorithm for each shape in its first steps. With
-    --fast also channels_last, and torch.compile with CUDA graphs ("reduce-overhead": no
-    kernel-launch overhead, which bounds the eager step) where it can. True if compiled."""
+    """cuDNN's autotuner on CUDA; with --fast also channels_last, and torch.compile with CUDA
+    graphs (no launch overhead, which bounds the eager step) where it can. True if compiled."""
     torch.backends.cudnn.benchmark = args.device.type == "cuda"
     if not args.fast:
         return False
@@ -231,21 +218,13 @@ def speed_up(model, args):
         problem = f"torch.compile with CUDA graphs needs CUDA, not {args.device.type}"
     elif importlib.util.find_spec("triton") is None:  # (Windows) it would fail mid-run
         problem = "torch.compile needs Triton, which is not installed"
-    elif torch.cuda.get_device_capability(args.device) < (8, 0):  # it would skip bf16 graphs
-        problem = ("torch.compile needs a GPU with native bf16 (compute capability 8.0 or "
-                   f"newer), not {describe(args.device)}")
+    elif torch.cuda.get_device_capability(args.device) < (8, 0):  # a T4, a V100: no bf16
+        problem = f"torch.compile here needs native bf16, which {describe(args.device)} lacks"
     else:  # in place: the state_dict's keys stay those of the bare EfficientNet
         model.module.compile(mode="reduce-overhead", dynamic=False)
         return True
     print(f"--fast: {problem}; the rest of --fast applies, without torch.compile", flush=True)
     return False
-
-
-def save_status(args, config, history, status):
-    try:
-        rundir.save_results(args, config, history, status)
-    except RunError:  # the full disk that failed the run may refuse this too
-        pass
 
 
 def describe(device):

@@ -1,10 +1,7 @@
-"""A run's files in --output-dir: NAME.json (results, rewritten after every epoch), NAME.pth
-(the checkpoint), and .NAME.lock, which makes one process their only writer.
-
-Every write goes to a temp file, is flushed to disk, then renamed over the old file: a crash
-at any instant leaves the previous complete file or the new one. The checkpoint, written
-first, carries the whole history, so the JSON is always a prefix of it and a resumed run
-rebuilds the JSON from it."""
+"""A run's files in --output-dir: NAME.json (the results), NAME.pth (the checkpoint) and
+.NAME.lock (one writer). Every write goes to a temp file, to disk, then over the old file: a
+crash at any instant leaves a complete file. The checkpoint, written first, holds the whole
+history: the JSON is always a prefix of it, and a resume rebuilds the JSON from it."""
 import errno
 import io
 import json
@@ -20,9 +17,8 @@ from .cli import RunError, files_problem
 
 @contextmanager
 def sole_writer(args):
-    """Hold the run's lock while the block runs, or refuse: two processes writing the same
-    files would splice two runs together. The lock is the kernel's (flock): it goes with
-    the process, however the process ends, SIGKILL included."""
+    """Hold the run's lock while the block runs, or refuse: two writers would splice two runs
+    together. The lock is the kernel's: it goes with the process however it ends."""
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -66,7 +62,7 @@ def load_checkpoint(args, config):
     path = args.checkpoint_path
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        epoch, history, saved = state["epoch"], state["history"], state["config"]
+        saved, _ = state["config"], state["history"]  # a KeyError: not a checkpoint
     except Exception as error:  # truncated, corrupt or foreign: all mean "cannot resume"
         raise RunError(f"cannot resume: {path} is corrupt or not a checkpoint of this "
                        f"project ({type(error).__name__}); start afresh with --overwrite")
@@ -75,9 +71,6 @@ def load_checkpoint(args, config):
         details = ", ".join(f"{k} {saved.get(k)!r} there, {config[k]!r} here" for k in differ)
         raise RunError(f"cannot resume: {path} is another recipe ({details}); use the same "
                        "settings, or another --run-name")
-    if len(history) != epoch:
-        raise RunError(f"cannot resume: {path} is inconsistent ({epoch} epochs, "
-                       f"{len(history)} of history); start afresh with --overwrite")
     return state
 
 
