@@ -14,7 +14,6 @@ warm-up s: the first steps (--fast: both compiles); est. s/epoch: 50,000 + 10,00
 import argparse
 import contextlib
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -22,9 +21,10 @@ import traceback
 
 import torch
 
-import bug, fixed
+import bug
+import fixed
 import training
-from training.cli import TEST_IMAGES, TRAIN_IMAGES, default_workers
+from training.cli import CPUS, DEFAULT_WORKERS, TEST_IMAGES, TRAIN_IMAGES
 from training.data import batches
 from training.loop import describe, rate, speed_up
 
@@ -91,7 +91,7 @@ def main(argv=None):
     rows = [row for row in ROWS if any(row in pick for pick in picks)]
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available here: --device cpu --tiny is the CPU smoke")
-    workers = (0 if opts.tiny else default_workers()) if opts.workers is None else opts.workers
+    workers = (0 if opts.tiny else DEFAULT_WORKERS) if opts.workers is None else opts.workers
     warmup, model_steps, train_steps, eval_steps = TINY_STEPS if opts.tiny else STEPS
     table = [COLUMNS]
     # Nothing is written to scratch; progress and the scripts' own prints go to stderr.
@@ -121,9 +121,8 @@ def main(argv=None):
             table.append([recipe, mode, *cells])
     widths = [max(map(len, column)) for column in zip(*table)]
     table.insert(1, ["-" * width for width in widths])
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"bench.py on {describe(torch.device(opts.device))}, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, {cpus} CPUs, --workers {workers}, --dummy data, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, {CPUS} CPUs, --workers {workers}, --dummy data, "
           "random weights\n")
     print(*("| " + " | ".join(map(str.ljust, line, widths)) + " |" for line in table), sep="\n")
     return 1 if any(line[2] == "failed" for line in table) else 0

@@ -1,13 +1,6 @@
 """What bug.py and fixed.py share, so that the two hold only what differs and
 `diff bug.py fixed.py` is the fix. Nothing here changes what the scripts ask for: their
-transforms, freezing, optimizer and hyper-parameters are used as given.
-
-  cli      the command line, and the one handler that ends a failed run in one line
-  data     CIFAR-100 through the report's transforms, and the batches of an epoch
-  model    EfficientNet-b0 with ImageNet weights, in nn.DataParallel as the report has it
-  loop     run(), then train() and validate(): the loops the report's user would write
-  rundir   the run's files: results, checkpoint, lock; atomic writes; resume checks
-"""
+transforms, freezing, optimizer and hyper-parameters are used as given."""
 from .cli import RunError, command_line, parse_args
 from .data import cifar100
 from .loop import run, train, validate

@@ -4,7 +4,6 @@ import argparse
 import math
 import os
 import re
-import shlex
 import signal
 import sys
 import traceback
@@ -19,14 +18,14 @@ TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR-100's, and --dummy's
 MIN_IMAGE_SIZE, MIN_SINGLE_IMAGE_SIZE = 32, 64
 MAX_IMAGE_SIZE = 2048  # twice the bug's: beyond it a step outgrows any GPU
 MAX_WORKERS = 64
-MAX_SEED = 2**63 - 1  # torch.manual_seed's limit
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+DEFAULT_WORKERS = max(0, min(16, (CPUS or 1) - 1))  # the CPUs less one, at most 16
 NAME_MAX = 255  # bytes in one file name, on the common file systems
 
 
 class RunError(Exception):
     """A failure the user can act on: one line, no traceback. Exit status 1, or 2 for what
     the command line cannot ask."""
-
     def __init__(self, message, status=1):
         super().__init__(message)
         self.status = status
@@ -37,13 +36,15 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def command_line(script_file, description, *, epochs, batch_size, lr, image_size):
+def command_line(script_file, description, **recipe):
     """Parse the command line, then run the block under the one top-level handler: a RunError
     or a stop signal ends the process in one line, anything unexpected with its traceback."""
     from .model import weights_problem  # (model.py imports RunError from here)
 
-    args = parse_args(script_file, description, epochs=epochs, batch_size=batch_size, lr=lr,
-                      image_size=image_size)
+    args = parse_args(script_file, description, **recipe)
+
+    def stop_on_sigterm(signum, frame):  # a scheduler's, or `kill`'s: stop as Ctrl-C does
+        raise Terminated()
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         problem = args.weights and weights_problem(args.weights)
@@ -61,15 +62,6 @@ def command_line(script_file, description, *, epochs, batch_size, lr, image_size
         message, status = f"{args.prog}: error: unexpected {type(error).__name__}, above", 1
     print(message, file=sys.stderr)
     sys.exit(status)
-
-
-def stop_on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def resume_command():
-    argv = [a for a in sys.argv if a != "--overwrite"]
-    return "python " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
 
 
 def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, argv=None):
@@ -102,7 +94,7 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     group("--no-pretrained", action="store_true", help="random initial weights, not ImageNet's")
     group = parser.add_argument_group("running").add_argument
     group("--device", default="cuda", help="cuda, cuda:N or cpu (default: %(default)s)")
-    group("--workers", type=number(int, zero=True), default=default_workers(), metavar="N",
+    group("--workers", type=number(int, zero=True), default=DEFAULT_WORKERS, metavar="N",
           help=f"data loading processes, at most {MAX_WORKERS}; 0 loads in the main process "
                "(default: the CPUs available less one, at most 16: %(default)s here)")
     group("--fast", action="store_true",
@@ -148,7 +140,7 @@ def refusal(args):
                 f"--image-size {MIN_SINGLE_IMAGE_SIZE} or more")
     if args.workers > MAX_WORKERS:
         return f"--workers {args.workers}: must be at most {MAX_WORKERS}"
-    if args.seed > MAX_SEED:
+    if args.seed >= 2**63:  # torch.manual_seed's limit
         return f"--seed {args.seed}: must be below 2**63"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         return f"--device {args.device}: use cuda, cuda:N or cpu"
@@ -220,8 +212,3 @@ def number(kind, zero=False):
         return value
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
     return parse
-
-
-def default_workers():
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(16, (cpus or 1) - 1))

@@ -19,33 +19,23 @@ NUM_CLASSES = 100
 CIFAR_ARCHIVE, CIFAR_URL = datasets.CIFAR100.filename, datasets.CIFAR100.url
 
 
-def report_transforms(image_size):
-    """The report's training transforms, and the test transforms it does not show (the
-    same without the random flip and rotation), at `image_size` (bug 1024, fix 224)."""
+def cifar100(args):
+    """Train and test sets (CIFAR-100, or --dummy's) through the report's transforms, at
+    args.image_size (bug 1024, fix 224)."""
     train_transforms = transforms.Compose([
-        transforms.Resize((image_size, image_size)),
+        transforms.Resize((args.image_size, args.image_size)),
         transforms.RandomHorizontalFlip(),
         transforms.RandomRotation(10),
         transforms.ToTensor(),
         transforms.Normalize([0.485, 0.456, 0.406],
                              [0.229, 0.224, 0.225])
     ])
-    test_transforms = transforms.Compose([
-        transforms.Resize((image_size, image_size)),
-        transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406],
-                             [0.229, 0.224, 0.225])
-    ])
-    return train_transforms, test_transforms
-
-
-def cifar100(args):
-    """Train and test sets (CIFAR-100, or --dummy's) through the report's transforms."""
-    train_transforms, test_transforms = report_transforms(args.image_size)
-    if args.dummy:
-        train_set, test_set = (synthetic_cifar100(train, args.seed) for train in (True, False))
-    else:
-        train_set, test_set = (load_cifar100(args.data_dir, train) for train in (True, False))
+    # The test transforms, which the report does not show: the same, less the random ones.
+    random_steps = (transforms.RandomHorizontalFlip, transforms.RandomRotation)
+    test_transforms = transforms.Compose(
+        [t for t in train_transforms.transforms if not isinstance(t, random_steps)])
+    train_set, test_set = (synthetic_cifar100(train, args.seed) if args.dummy
+                           else load_cifar100(args.data_dir, train) for train in (True, False))
     return (SeededView(train_set, train_transforms, args.seed),
             SeededView(test_set, test_transforms, args.seed))
 
@@ -56,18 +46,15 @@ def batches(view, args, train):
     limit = args.limit_train_batches if train else args.limit_eval_batches
     sampler = EpochSampler(len(view), args.seed, shuffle=train,
                            limit=limit * args.batch_size if limit else None)
-    if args.fast:
-        return DeviceBatches(view, sampler, args)
-    return LoaderBatches(view, sampler, args)
+    return (DeviceBatches if args.fast else LoaderBatches)(view, sampler, args)
 
 
 class LoaderBatches:
     """The report's PIL transforms in DataLoader workers. They stop at uint8 (a quarter of
     float32's bytes to pass between processes), and ToTensor's scaling and Normalize run on
     the device with the very same float32 arithmetic: bit-identical numbers."""
-
     def __init__(self, view, sampler, args):
-        self.view, self.device = view, args.device
+        self.view, self.device, self.set_epoch = view, args.device, sampler.set_epoch
         self.loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler,
                                  num_workers=args.workers, persistent_workers=args.workers > 0,
                                  pin_memory=args.device.type == "cuda",
@@ -75,7 +62,6 @@ class LoaderBatches:
                                  # its own generator: a new iterator draws a seed from it,
                                  # which would otherwise shift the global RNG (and dropout)
                                  generator=torch.Generator())
-        self.set_epoch = sampler.set_epoch
 
     def __len__(self):
         return len(self.loader)
@@ -102,30 +88,27 @@ class DeviceBatches:
     """--fast: the data set copied once to the device as uint8, gathered in the sampler's
     order and augmented there in whole batches (augment.py): no workers, no per-image
     Python, no host sync. Its draws are seeded from (seed, epoch): a resume replays."""
-
     def __init__(self, view, sampler, args):
-        self.sampler, self.device, self.size = sampler, args.device, args.image_size
-        self.batch_size, self.seed, self.train = args.batch_size, args.seed, sampler.shuffle
+        self.sampler, self.args, self.set_epoch = sampler, args, sampler.set_epoch
         images = torch.from_numpy(np.asarray(view.images.data))
-        self.images = images.to(self.device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.as_tensor(view.images.targets, dtype=torch.long, device=self.device)
+        self.images = images.to(args.device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.as_tensor(view.images.targets, dtype=torch.long, device=args.device)
         # ToTensor's scaling and Normalize in one multiply-add: (x / 255 - mean) / std.
-        scale, mean, std = normalize_constants(view.normalize, self.device)
+        scale, mean, std = normalize_constants(view.normalize, args.device)
         self.gain, self.shift = 1 / (scale * std), -mean / std
-        self.generator = torch.Generator(self.device)
-        self.set_epoch = sampler.set_epoch
-        print(f"--fast: the {'training' if self.train else 'test'} set on {args.device} as "
+        self.generator = torch.Generator(args.device)
+        print(f"--fast: the {'training' if sampler.shuffle else 'test'} set on {args.device} as "
               f"uint8, {self.images.nbytes / 2**20:,.0f} MiB", flush=True)
 
     def __len__(self):
-        return -(-len(self.sampler) // self.batch_size)
+        return -(-len(self.sampler) // self.args.batch_size)
 
     def __iter__(self):
-        order = torch.tensor([index for _, index in self.sampler], device=self.device)
-        self.generator.manual_seed(mix_seed(self.seed, self.sampler.epoch, 2))
-        for indices in order.split(self.batch_size):
-            images = augment.resize(self.images[indices], self.size)
-            if self.train:
+        order = torch.tensor([index for _, index in self.sampler], device=self.args.device)
+        self.generator.manual_seed(mix_seed(self.args.seed, self.sampler.epoch, 2))
+        for indices in order.split(self.args.batch_size):
+            images = augment.resize(self.images[indices], self.args.image_size)
+            if self.sampler.shuffle:
                 images = augment.flip_rotate(images, *augment.draw(self.generator, len(indices)))
             images = images.contiguous(memory_format=torch.channels_last)
             yield torch.addcmul(self.shift, images, self.gain), self.labels[indices]
@@ -141,7 +124,6 @@ def normalize_constants(normalize, device):
 class SeededView(Dataset):
     """A data set through a transform whose randomness is a function of (seed, epoch, index),
     at the sampler's (epoch, index) keys. ToTensor() and Normalize() are left to the batches."""
-
     def __init__(self, images, transform, seed):
         self.images, self.seed = images, seed
         *head, to_tensor, self.normalize = transform.transforms
@@ -164,11 +146,9 @@ class SeededView(Dataset):
 class EpochSampler(Sampler):
     """(epoch, index) keys for SeededView: a permutation drawn from (seed, epoch) when
     shuffling, cut to the first `limit` images."""
-
     def __init__(self, size, seed, shuffle, limit=None):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
         self.limit = min(size, limit) if limit else size
-        self.epoch = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch

@@ -1,6 +1,8 @@
 """run() trains to --epochs, testing and saving after every epoch; then train() and
 validate(), the loops the report's user would have written."""
 import importlib.util
+import shlex
+import sys
 import time
 from contextlib import suppress
 
@@ -9,7 +11,7 @@ from tqdm import tqdm
 
 import schema
 from . import rundir
-from .cli import RunError, resume_command
+from .cli import RunError
 from .data import batches, mix_seed
 from .model import WEIGHTS_URL, count_params
 
@@ -17,14 +19,11 @@ from .model import WEIGHTS_URL, count_params
 def run(args, model, criterion, optimizer, train_data, test_data):
     """Train to --epochs. A failure, Ctrl-C or SIGTERM leaves every finished epoch and a true
     status in the results, then goes up to the one handler (training.command_line)."""
-    config = schema.record(
-        schema.CONFIG, script=args.script, image_size=args.image_size,
-        batch_size=args.batch_size, lr=args.lr, optimizer=type(optimizer).__name__,
-        pretrained=args.pretrained, dummy=args.dummy, fast=args.fast, seed=args.seed,
-        limit_train_batches=args.limit_train_batches, limit_eval_batches=args.limit_eval_batches,
-        epochs=args.epochs, **count_params(model, optimizer),
-        weights=None if args.no_pretrained else str(args.weights or WEIGHTS_URL),
-        device=describe(args.device), torch=str(torch.__version__), workers=args.workers)
+    own = dict(optimizer=type(optimizer).__name__, **count_params(model, optimizer),
+               weights=None if args.no_pretrained else str(args.weights or WEIGHTS_URL),
+               device=describe(args.device), torch=str(torch.__version__))
+    # The rest of the config is the command line's, under the same names, in schema order.
+    config = {key: own[key] if key in own else getattr(args, key) for key in schema.CONFIG}
     print(f"{args.script}: {config['trainable_params']:,} of {config['total_params']:,} "
           f"parameters require grad, {config['updated_params']:,} of them in the optimizer; "
           f"{args.image_size} px, batch {args.batch_size}, lr {args.lr}, {config['device']}",
@@ -46,25 +45,24 @@ def run(args, model, criterion, optimizer, train_data, test_data):
         rundir.save_results(args, config, history, "running")
         try:
             compiled = speed_up(model, args)
-            train_batches = batches(train_data, args, train=True)
-            test_batches = batches(test_data, args, train=False)
+            trains = batches(train_data, args, train=True)
+            tests = batches(test_data, args, train=False)
             for epoch in range(len(history) + 1, args.epochs + 1):
-                entry = one_epoch(model, criterion, optimizer, train_batches, test_batches,
-                                  epoch, args, compiled)
+                entry = one_epoch(model, criterion, optimizer, trains, tests, epoch, args, compiled)
                 rundir.save_checkpoint(args, model, optimizer, config, history + [entry])
                 history.append(entry)
                 rundir.save_results(args, config, history, "running")
                 print(epoch_line(entry, args.epochs), flush=True)
-        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (training.Terminated)
+        except (KeyboardInterrupt, Exception) as error:
+            stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (Terminated)
             with suppress(RunError):  # the full disk that failed the run may refuse this too
-                rundir.save_results(args, config, history, "interrupted")
-            raise type(stop)(f"stopped in epoch {len(history) + 1}; {args.results_path} "
-                             f"keeps {len(history)} finished epoch(s). Resume with:\n  "
-                             f"{resume_command()}") from None
-        except Exception as error:
-            with suppress(RunError):
-                rundir.save_results(args, config, history, "failed")
+                rundir.save_results(args, config, history, "interrupted" if stopped else "failed")
             kept = f"{args.results_path} keeps {len(history)} finished epoch(s)"
+            if stopped:  # the same command resumes it, without --overwrite
+                argv = [a for a in sys.argv if a != "--overwrite"]
+                argv += [] if "--resume" in argv else ["--resume"]
+                raise type(error)(f"stopped in epoch {len(history) + 1}; {kept}. Resume with:\n"
+                                  f"  python {shlex.join(argv)}") from None
             if torch.OutOfMemoryError in (type(error), type(error.__cause__)):
                 raise RunError(f"out of GPU memory in epoch {len(history) + 1} "
                                f"({config['device']}); {kept}. A smaller --batch-size or "
@@ -78,7 +76,6 @@ def run(args, model, criterion, optimizer, train_data, test_data):
 
 
 def one_epoch(model, criterion, optimizer, train_batches, test_batches, epoch, args, compiled):
-    """Train and test once; returns the epoch's entry of the results."""
     # Dropout and drop-connect draw from (seed, epoch), as the data do: a resume replays.
     torch.manual_seed(mix_seed(args.seed, epoch, 1))
     cuda = args.device.type == "cuda"
@@ -150,7 +147,6 @@ class Meter:
     the device, read (one sync) once a second: then a NaN or infinite loss stops the run.
     Its images/s are the steady state's: without --fast's first two steps (they compile
     and record the CUDA graph) and a last, smaller batch."""
-
     def __init__(self, where, batches, args, compiled):
         self.where, self.batches, self.args = where, batches, args
         self.warmup_steps = 2 if compiled else 0
@@ -202,9 +198,8 @@ class Meter:
 
     def rate(self):
         """Images a second in the steady state, or over the whole loop if it had none."""
-        if not self.steady_images:
-            return self.images / self.seconds
-        return self.steady_images / (self.seconds - self.warmup_seconds)
+        steady = self.seconds - self.warmup_seconds
+        return self.steady_images / steady if self.steady_images else self.images / self.seconds
 
 
 def speed_up(model, args):
@@ -233,9 +228,7 @@ def describe(device):
 
 def rate(images_per_second):
     """82, 1,170, and on a CPU 0.21 rather than 0."""
-    if images_per_second >= 10:
-        return f"{images_per_second:,.0f}"
-    return f"{images_per_second:.2g}"
+    return f"{images_per_second:,.0f}" if images_per_second >= 10 else f"{images_per_second:.2g}"
 
 
 def epoch_line(entry, epochs):

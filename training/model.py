@@ -64,9 +64,8 @@ def data_parallel(model, device):
 
 
 def count_params(model, optimizer):
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     params = list(model.parameters())
-    return dict(
-        total_params=sum(p.numel() for p in params),
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        updated_params=sum(p.numel() for p in params if p.requires_grad and id(p) in in_optimizer))
+    return dict(total_params=sum(p.numel() for p in params),
+                trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                updated_params=sum(p.numel() for p in params if p.requires_grad and id(p) in held))

@@ -58,19 +58,17 @@ def save_checkpoint(args, model, optimizer, config, history):
 
 
 def load_checkpoint(args, config):
-    """The checkpoint to resume, if it is of this recipe."""
-    path = args.checkpoint_path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(args.checkpoint_path, map_location="cpu", weights_only=True)
         saved, _ = state["config"], state["history"]  # a KeyError: not a checkpoint
     except Exception as error:  # truncated, corrupt or foreign: all mean "cannot resume"
-        raise RunError(f"cannot resume: {path} is corrupt or not a checkpoint of this "
-                       f"project ({type(error).__name__}); start afresh with --overwrite")
+        raise RunError(f"cannot resume: {args.checkpoint_path} is corrupt or not a checkpoint of "
+                       f"this project ({type(error).__name__}); start afresh with --overwrite")
     differ = [key for key in schema.RECIPE if saved.get(key) != config[key]]
     if differ:
         details = ", ".join(f"{k} {saved.get(k)!r} there, {config[k]!r} here" for k in differ)
-        raise RunError(f"cannot resume: {path} is another recipe ({details}); use the same "
-                       "settings, or another --run-name")
+        raise RunError(f"cannot resume: {args.checkpoint_path} is another recipe ({details}); "
+                       "use the same settings, or another --run-name")
     return state
 
 
@@ -82,14 +80,13 @@ def atomic_write(path, data):
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except BaseException as error:  # a full disk, a signal: no partial file left behind
-        temp.unlink(missing_ok=True)
-        if not isinstance(error, OSError):
-            raise
+    except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise RunError(f"{path.parent} is full (no space left for {path.name}): free "
                            "some space, then continue with --resume") from None
         raise RunError(f"cannot write {path}: {error.strerror}") from None
+    finally:  # a full disk, a signal: no partial file left behind (none after the rename)
+        temp.unlink(missing_ok=True)
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
