@@ -31,8 +31,7 @@ from training.loop import describe, rate, speed_up
 RECIPES = {"bug": bug, "fixed": fixed}
 ROWS = [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
 DEFAULT_ROWS = "bug:default,fixed:default,fixed:fast"
-# Steps: warm-up (--fast's compile, and CUDA-graph capture at the 2nd call), model, e2e, eval:
-# at the README's H200 rates (~42 ms a default step, ~12 ms --fast), ~10 s of steps a row.
+# Steps: warm-up (--fast: compile, then CUDA-graph capture), model, e2e, eval: ~10 s a row.
 STEPS, TINY_STEPS = (3, 50, 150, 50), (1, 2, 2, 2)
 COLUMNS = ["recipe", "mode", "px", "batch", "model img/s", "e2e img/s", "e2e/model",
            "eval img/s", "peak GiB", "warm-up s", "est. s/epoch"]

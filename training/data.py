@@ -3,6 +3,7 @@ of an epoch: from DataLoader workers, or with --fast from a copy kept on the dev
 way an epoch is a function of (seed, epoch) alone: not of --workers, and a resume replays."""
 import os
 import shutil
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -58,7 +59,7 @@ class LoaderBatches:
         self.loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler,
                                  num_workers=args.workers, persistent_workers=args.workers > 0,
                                  pin_memory=args.device.type == "cuda",
-                                 worker_init_fn=leave_the_terminals_group,
+                                 worker_init_fn=quiet_worker,
                                  # its own generator: a new iterator draws a seed from it,
                                  # which would otherwise shift the global RNG (and dropout)
                                  generator=torch.Generator())
@@ -76,12 +77,14 @@ class LoaderBatches:
             yield images, labels.to(self.device, non_blocking=True)
 
 
-def leave_the_terminals_group(worker_id):
-    # Ctrl-C, or a job manager's SIGTERM, goes to the whole process group: the main process
-    # stops the run and then its workers, which must not die first under it, printing
-    # tracebacks. In their own group they only hear the main process, and end with it.
+def quiet_worker(worker_id):
+    # Ctrl-C, or a job manager's SIGTERM, goes to the whole process group: workers must not
+    # die first under the main process, printing tracebacks. In their own group they only
+    # hear it, and end with it. Nor may they print one when a stop cuts a batch's hand-over
+    # short: their errors reach the main process anyway, through DataLoader.
     if hasattr(os, "setpgrp"):  # POSIX
         os.setpgrp()
+    sys.stderr = open(os.devnull, "w")
 
 
 class DeviceBatches:
