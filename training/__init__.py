@@ -1,6 +1,6 @@
 """What bug.py and fixed.py share, so that the two hold only what differs and
-`diff bug.py fixed.py` is the fix. Nothing here changes what the scripts ask for: their
-transforms, freezing, optimizer and hyper-parameters are used as given."""
+`diff bug.py fixed.py` is the fix: the report's data and transforms, its model and its loops.
+The scripts' image size, freezing, optimizer and hyper-parameters are used as given."""
 from .cli import RunError, command_line, parse_args
 from .data import cifar100
 from .loop import run, train, validate
