@@ -56,7 +56,8 @@ def measure(recipe, args, warmup, model_steps):
         return training.validate(model, Repeat(first * n), criterion, 1, args, compiled)
 
     warmup_seconds = steps(warmup).seconds + steps(warmup, False).seconds  # both compile here
-    torch.cuda.empty_cache()  # the peak from here on, less what the warm-up left cached
+    if compiled:  # the peak from here on, less what the warm-up left cached: as one_epoch does
+        torch.cuda.empty_cache()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model_rate = steps(model_steps).rate()

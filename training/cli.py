@@ -40,7 +40,6 @@ def command_line(script_file, description, **recipe):
     """Parse the command line, then run the block under the one top-level handler: a RunError
     or a stop signal ends the process in one line, anything unexpected with its traceback."""
     from .model import weights_problem  # (model.py imports RunError from here)
-
     args = parse_args(script_file, description, **recipe)
 
     def stop_on_sigterm(signum, frame):  # a scheduler's, or `kill`'s: stop as Ctrl-C does
@@ -77,7 +76,7 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     group("--batch-size", type=number(int), default=batch_size, metavar="N",
           help="images per step, train and test (default: %(default)s)")
     group("--lr", type=number(float), default=lr,
-          help="Adam's learning rate (default: %(default)s)")
+          help="Adam's learning rate, at most 1000 (default: %(default)s)")
     group("--image-size", type=number(int), default=image_size, metavar="SIZE",
           help=f"images are resized to SIZE x SIZE, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
                "(default: %(default)s)")
@@ -128,6 +127,8 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
 
 def refusal(args):
     """Why these arguments cannot make a run, or None."""
+    if args.lr > 1000:  # Adam moves each weight by about lr a step; beyond ~1e37, overflows
+        return f"--lr {args.lr:g}: must be at most 1000"
     if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
         return (f"--image-size {args.image_size}: must be {MIN_IMAGE_SIZE} to "
                 f"{MAX_IMAGE_SIZE} (EfficientNet-b0 cannot take less)")
@@ -142,7 +143,7 @@ def refusal(args):
         return f"--workers {args.workers}: must be at most {MAX_WORKERS}"
     if args.seed >= 2**63:  # torch.manual_seed's limit
         return f"--seed {args.seed}: must be below 2**63"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+    if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]{0,3}))?", args.device):
         return f"--device {args.device}: use cuda, cuda:N or cpu"
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -206,7 +207,7 @@ def number(kind, zero=False):
     """argparse's type for a finite `kind` above 0 (from 0, with `zero`)."""
     def parse(text):
         value = kind(text)
-        if not (value >= 0 if zero else value > 0) or not math.isfinite(value):
+        if not (value >= 0 if zero else value > 0) or value == math.inf:  # (nan > 0 is False)
             raise argparse.ArgumentTypeError(
                 f"must be {'0 or more' if zero else 'a positive number'}, not {text}")
         return value

@@ -16,7 +16,6 @@ from torchvision.datasets.utils import check_integrity
 from . import augment
 from .cli import TEST_IMAGES, TRAIN_IMAGES, RunError
 
-NUM_CLASSES = 100
 CIFAR_ARCHIVE, CIFAR_URL = datasets.CIFAR100.filename, datasets.CIFAR100.url
 
 
@@ -32,9 +31,8 @@ def cifar100(args):
                              [0.229, 0.224, 0.225])
     ])
     # The test transforms, which the report does not show: the same, less the random ones.
-    random_steps = (transforms.RandomHorizontalFlip, transforms.RandomRotation)
-    test_transforms = transforms.Compose(
-        [t for t in train_transforms.transforms if not isinstance(t, random_steps)])
+    resize, _, _, *to_tensor_and_normalize = train_transforms.transforms
+    test_transforms = transforms.Compose([resize, *to_tensor_and_normalize])
     train_set, test_set = (synthetic_cifar100(train, args.seed) if args.dummy
                            else load_cifar100(args.data_dir, train) for train in (True, False))
     return (SeededView(train_set, train_transforms, args.seed),
@@ -175,10 +173,10 @@ def mix_seed(*numbers):
 def synthetic_cifar100(train, seed):
     """CIFAR-100-shaped images, held as CIFAR100 holds its own (`data`, `targets`): a colour
     per class plus noise, that a model which trains learns, and one which does not cannot."""
-    colours = np.random.default_rng(seed).integers(0, 256, (NUM_CLASSES, 3), dtype=np.int16)
+    colours = np.random.default_rng(seed).integers(0, 256, (100, 3), dtype=np.int16)
     rng = np.random.default_rng([seed, int(train)])  # the same classes, other images
     size = TRAIN_IMAGES if train else TEST_IMAGES
-    targets = rng.integers(NUM_CLASSES, size=size)
+    targets = rng.integers(100, size=size)  # classes
     images = rng.integers(-64, 65, (size, 32, 32, 3), dtype=np.int16) + colours[targets, None, None]
     return SimpleNamespace(data=images.clip(0, 255).astype(np.uint8), targets=targets.tolist())
 

@@ -6,7 +6,7 @@ import errno
 import io
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from filelock import FileLock, Timeout
@@ -86,7 +86,8 @@ def atomic_write(path, data):
                            "some space, then continue with --resume") from None
         raise RunError(f"cannot write {path}: {error.strerror}") from None
     finally:  # a full disk, a signal: no partial file left behind (none after the rename)
-        temp.unlink(missing_ok=True)
+        with suppress(OSError):  # a file system gone read-only: the write's error matters
+            temp.unlink(missing_ok=True)
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
