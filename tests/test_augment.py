@@ -40,6 +40,24 @@ def assert_close_to_pil(ours, pil, what):
 
 @pytest.mark.parametrize("size, n", [(224, 24), (64, 36), (1024, 2)])
 def test_train_transforms_give_the_levels_of_the_reports_pil_pipeline(size, n):
+    assert_train_transforms_close_to_pil(size, n)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_fast_matmuls_leave_the_rotation_exact(precision):
+    """Matmuls in TF32 (on a GPU, "high", what torch.compile's warning invites), or in bf16
+    (on a CPU with bf16 units, "medium"), would move samples across pixel edges."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert_train_transforms_close_to_pil(224, 24)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+
+
+def assert_train_transforms_close_to_pil(size, n):
     pil_images, batch = cifar_like(n)
     # Each angle with and without a flip, as far as the images go.
     flips = torch.arange(n) % 2 == 0

@@ -54,8 +54,11 @@ def flip_rotate(images, flips, angles):
     ], dim=1)
     # Flipping first mirrors where the rotation samples: g_x -> -g_x, exactly pixel k -> w-1-k.
     theta[:, 0] *= 1 - 2 * flips.to(images.device, torch.float64)[:, None]
-    grid = F.affine_grid(theta.to(images.dtype), [b, images.shape[1], h, w], align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    # The grid in float64: affine_grid is a matmul, which TF32 (on a GPU) or bf16 (on some
+    # CPUs) would round to a few bits, moving samples across pixel edges: PIL's levels lost.
+    grid = F.affine_grid(theta, [b, images.shape[1], h, w], align_corners=False)
+    return F.grid_sample(images, grid.to(images.dtype), mode="nearest", padding_mode="zeros",
+                         align_corners=False)
 
 
 def _fix(v):
