@@ -1,10 +1,11 @@
 """Training speed and memory of bug.py and fixed.py, default and --fast: one Markdown table.
 
 A row is the script's own build() with `--dummy --no-pretrained [--fast]` (speed and memory
-do not depend on the weights), compiled and stepped as training.run does. model img/s: one
-batch already on the device, over and over (the ceiling); e2e and eval: the real batches, at
-the steady rate an epoch line shows; peak GiB: after warm-up (reserved with CUDA graphs);
-warm-up s: the first steps (--fast: both compiles); est. s/epoch: 50,000 + 10,000 images.
+do not depend on the weights), prepared as training.run prepares it and stepped by the
+script's own train() and validate(). model img/s: one batch already on the device, over and
+over (the ceiling); e2e and eval: the real batches, at the rate an epoch line shows; peak
+GiB: after warm-up (reserved with --fast); warm-up s: the first steps (--fast: both
+compiles); est. s/epoch: 50,000 + 10,000 images.
 
   python bench.py                     bug and fixed, and fixed with --fast
   python bench.py --only all          and bug with --fast: one more compile
@@ -24,9 +25,8 @@ import torch
 import bug
 import fixed
 import training
-from training.cli import CPUS, DEFAULT_WORKERS, TEST_IMAGES, TRAIN_IMAGES
-from training.data import batches
-from training.loop import describe, rate, speed_up
+from training.data import CPUS, DEFAULT_WORKERS, TEST_IMAGES, TRAIN_IMAGES
+from training.loop import Progress, describe, prepare, rate
 
 RECIPES = {"bug": bug, "fixed": fixed}
 ROWS = [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
@@ -38,37 +38,39 @@ COLUMNS = ["recipe", "mode", "px", "batch", "model img/s", "e2e img/s", "e2e/mod
 
 
 class Repeat(list):
-    """One batch, n times: what train() and validate() iterate for the model-only ceiling."""
+    """One batch, n times: what the model-only ceiling iterates."""
     def set_epoch(self, epoch):
         pass
 
 
 def measure(recipe, args, warmup, model_steps):
     """One row's cells after recipe and mode: its build(), then its loops, timed."""
-    model, criterion, optimizer, train_data, test_data = RECIPES[recipe].build(args)
-    compiled, device = speed_up(model, args), args.device  # exactly as run() does, first
-    one = argparse.Namespace(**{**vars(args), "limit_train_batches": 1, "workers": 0})
-    first = [next(iter(batches(train_data, one, train=True)))]  # whatever --workers
+    script = RECIPES[recipe]
+    model, criterion, optimizer, train_data, test_data = script.build(args)
+    network, train_batches, test_batches = prepare(model, train_data, test_data, args)
+    train_batches.set_epoch(1)
+    first = [next(iter(train_batches))]
+    device = args.device
 
-    def steps(n, train=True):  # the run's own loop over the one batch, n times (Meters sync)
+    def loop(batches, train=True):  # the script's own loop (a Progress syncs at its end)
+        progress = Progress("bench", batches, 1, args)
         if train:
-            return training.train(model, Repeat(first * n), criterion, optimizer, 1, args, compiled)
-        return training.validate(model, Repeat(first * n), criterion, 1, args, compiled)
+            script.train(network, progress, criterion, optimizer)
+        else:
+            script.validate(network, progress, criterion)
+        return progress
 
-    warmup_seconds = steps(warmup).seconds + steps(warmup, False).seconds  # both compile here
-    if compiled:  # the peak from here on, less what the warm-up left cached: as one_epoch does
+    warmup_seconds = (loop(Repeat(first * warmup)).seconds  # --fast compiles both here
+                      + loop(Repeat(first * warmup), train=False).seconds)
+    if device.type == "cuda":  # the peak from here on, as one_epoch measures it
         torch.cuda.empty_cache()
-    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model_rate = steps(model_steps).rate()
+    model_rate = loop(Repeat(first * model_steps)).rate()
     first.clear()  # not resident while the real batches run
     # End to end: --limit-*-batches = warm-up + timed steps, read as the epoch line reads it.
-    trains, tests = batches(train_data, args, train=True), batches(test_data, args, train=False)
-    e2e = training.train(model, trains, criterion, optimizer, 1, args, compiled).rate()
-    e2e_eval = training.validate(model, tests, criterion, 1, args, compiled).rate()
-    # CUDA graphs' tensors live in a pool that is reserved, not allocated: one_epoch's rule.
-    peak = torch.cuda.max_memory_reserved if compiled else torch.cuda.max_memory_allocated
-    peak = f"{peak(device) / 2**30:.2f}" + " reserved" * compiled if device.type == "cuda" else "-"
+    e2e, e2e_eval = loop(train_batches).rate(), loop(test_batches, train=False).rate()
+    peak = torch.cuda.max_memory_reserved if args.fast else torch.cuda.max_memory_allocated
+    peak = f"{peak(device) / 2**30:.2f}" + " reserved" * args.fast if device.type == "cuda" else "-"
     return [str(args.image_size), str(args.batch_size), rate(model_rate), rate(e2e),
             f"{e2e / model_rate:.0%}", rate(e2e_eval), peak, f"{warmup_seconds:.1f}",
             f"{TRAIN_IMAGES / e2e + TEST_IMAGES / e2e_eval:,.0f}"]

@@ -89,9 +89,9 @@ def table(runs) -> str:
                        for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
              for cells in [HEADERS, ["-" * w for w in widths], *rows]]
     notes = [DUMMY_NOTE] if any(run["config"]["dummy"] for run in runs) else []
-    reserved = [run["name"] for run in runs  # compiled (--fast) epochs on a GPU
-                if any(None not in (e["warmup_seconds"], e["peak_gpu_memory_gib"])
-                       for e in run["epochs"])]
+    reserved = [run["name"] for run in runs  # --fast on a GPU
+                if run["config"]["fast"] and any(e["peak_gpu_memory_gib"] is not None
+                                                 for e in run["epochs"])]
     if reserved:
         notes.append(f"note: peak GiB of {', '.join(reserved)} is reserved memory (--fast's "
                      "CUDA graphs keep their tensors in a pool not counted as allocated); "

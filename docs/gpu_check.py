@@ -3,8 +3,8 @@
     python docs/gpu_check.py     (from the repository's root, on a machine with CUDA)
 
 fidelity of training/augment.py to the report's PIL pipeline given the same flip and angle,
-host syncs while batches are made, the same batches for the same (seed, epoch), and the
-data path's own images/s."""
+with TF32 matmuls off (PyTorch's default) and on; host syncs while batches are made; the
+same batches for the same (seed, epoch); and the data path's own images/s."""
 import json
 import sys
 import time
@@ -12,32 +12,42 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
-sys.path[:0] = ["tests", "."]
-from conftest import build  # noqa: E402
+sys.path.insert(0, ".")
+import fixed  # noqa: E402
+import training  # noqa: E402
 from training import augment  # noqa: E402
-from training.data import batches  # noqa: E402
+from training.loop import prepare  # noqa: E402
 
 out = {}
 images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
 flips, angles = torch.arange(32) % 2 == 1, torch.linspace(-10, 10, 32)
-for size, n in ((224, 32), (1024, 4)):
-    x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).cuda()
-    got = augment.flip_rotate(augment.resize(x, size), flips[:n].cuda(), angles[:n].cuda())
-    want = []
-    for i in range(n):
-        image = F.resize(Image.fromarray(images[i]), [size, size])
-        image = F.hflip(image) if flips[i] else image
-        want.append(F.pil_to_tensor(F.rotate(image, float(angles[i]),
-                                             InterpolationMode.NEAREST, fill=0)))
-    diff = (got.cpu() - torch.stack(want).float()).abs()
-    out[f"fidelity_{size}"] = dict(mean=diff.mean().item(),
-                                   within1=(diff <= 1).float().mean().item())
+for tf32 in (False, True):  # TF32: what torch.compile's warning invites users to switch on
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    for size, n in ((224, 32), (1024, 4)):
+        x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).cuda()
+        got = augment.flip_rotate(augment.resize(x, size), flips[:n].cuda(), angles[:n].cuda())
+        want = []
+        for i in range(n):
+            image = F.resize(Image.fromarray(images[i]), [size, size])
+            image = F.hflip(image) if flips[i] else image
+            want.append(F.pil_to_tensor(F.rotate(image, float(angles[i]),
+                                                 InterpolationMode.NEAREST, fill=0)))
+        diff = (got.cpu() - torch.stack(want).float()).abs()
+        out[f"fidelity_{size}{'_tf32' if tf32 else ''}"] = dict(
+            mean=diff.mean().item(), within1=(diff <= 1).float().mean().item())
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.set_float32_matmul_precision("highest")
 
-built = build("fixed.py", "--dummy", "--no-pretrained", "--device", "cuda", "--fast",
-              "--workers", "0", "--output-dir", "/tmp/gpu_check")
-source = batches(built.train_data, built.args, train=True)
+args = training.parse_args(fixed.__file__, fixed.__doc__, epochs=1, batch_size=fixed.BATCH_SIZE,
+                           lr=fixed.LR, image_size=fixed.IMAGE_SIZE,
+                           argv=["--dummy", "--no-pretrained", "--fast", "--workers", "0",
+                                 "--output-dir", "/tmp/gpu_check"])
+model, _, _, train_data, test_data = fixed.build(args)
+_, source, _ = prepare(model, train_data, test_data, args)
 source.set_epoch(1)
 epoch = iter(source)
 first = next(epoch)

@@ -19,15 +19,15 @@ DUMMY_EPOCHS = [(30.0, 3.00, 3.10, 2.0, 500.0, None)]
 
 def write_run(tmp_path, run_name, epochs, *, script="fixed", status="finished", total=3,
               image_size=224, batch_size=64, lr=0.005, trainable=4135648, updated=4135648,
-              dummy=False, device="NVIDIA H100 80GB HBM3", warmup=None):
+              dummy=False, device="NVIDIA H100 80GB HBM3", fast=False):
     config = dict(script=script, weights=None, image_size=image_size, batch_size=batch_size,
                   lr=lr, optimizer="Adam", epochs=total, seed=0, total_params=4135648,
                   trainable_params=trainable, updated_params=updated, pretrained="imagenet",
-                  dummy=dummy, fast=warmup is not None, device=device, torch="2.14.1",
+                  dummy=dummy, fast=fast, device=device, torch="2.14.1",
                   workers=8, limit_train_batches=None, limit_eval_batches=None)
     entries = [dict(epoch=i, train_loss=train, train_acc=acc / 2, test_loss=test, test_acc=acc,
                     epoch_seconds=seconds, train_images_per_second=speed, peak_gpu_memory_gib=gib,
-                    warmup_seconds=warmup)
+                    warmup_seconds=90.0 if fast else 2.5)
                for i, (acc, train, test, seconds, speed, gib) in enumerate(epochs, start=1)]
     path = tmp_path / f"{run_name}.json"  # epochs newest first: compare.py puts them in order
     path.write_text(json.dumps(dict(script=script, run_name=run_name, status=status,
@@ -41,8 +41,9 @@ def runs(tmp_path):
                       lr=0.01, trainable=42016, updated=0),
             write_run(tmp_path, "fixed", FIXED_EPOCHS, status="running"),
             write_run(tmp_path, "cpu-run", CPU_EPOCHS, status="interrupted", total=5, device="cpu"),
-            write_run(tmp_path, "smoke", DUMMY_EPOCHS, total=1, dummy=True, device="cpu"),
-            write_run(tmp_path, "fast", FIXED_EPOCHS, warmup=90.0)]  # compiled: has a warm-up
+            write_run(tmp_path, "smoke", DUMMY_EPOCHS, total=1, dummy=True, device="cpu",
+                      fast=True),  # --fast on the CPU: no GPU memory to note
+            write_run(tmp_path, "fast", FIXED_EPOCHS, fast=True)]
 
 
 def table_rows(out):

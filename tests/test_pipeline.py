@@ -1,96 +1,103 @@
-"""--fast on the CPU: its batches keep the default path's order and replay; its test images
-are the report's; steady images/s leave the warm-up out; it learns the synthetic set."""
+"""The epochs around the scripts' step, on the CPU: --fast's batches against the default
+path's, the whole batches --fast gives its model, the test figures, and the warm-up left out
+of the images/s."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 import training
-from conftest import TINY, build
-from training.data import batches
+from conftest import SMALL, TEST_N, build, train_for_real, write_cifar
+from training.loop import prepare
 
-SMALL = ["--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0", "--image-size",
-         "64", "--batch-size", "8", "--limit-train-batches", "3", "--limit-eval-batches", "2"]
-
-
-def epoch_of(view, args, train, epoch):
-    source = batches(view, args, train)
-    source.set_epoch(epoch)
-    return list(source)
+# On the `cifar` fixture: 64 px (the test images are resized, not kept), 3 training batches.
+AT_64 = [*SMALL, "--image-size", "64", "--limit-train-batches", "3", "--limit-eval-batches", "2"]
 
 
-@pytest.fixture(scope="module")
-def fast():
-    return build("fixed.py", *SMALL, "--fast")
+def epoch_of(built, train, epoch):
+    """The (images, labels) batches of an epoch of training or testing, as a run makes them."""
+    _, train_batches, test_batches = prepare(built.model, built.train_data, built.test_data,
+                                             built.args)
+    batches = train_batches if train else test_batches
+    batches.set_epoch(epoch)
+    return list(batches)
 
 
-def test_fast_keeps_the_default_paths_order_and_replays(fast):
-    default = build("fixed.py", *SMALL)
+def test_fast_keeps_the_default_paths_order_and_replays(cifar):
+    default, fast = build("fixed.py", *AT_64), build("fixed.py", *AT_64, "--fast")
     for train in (True, False):
-        view = fast.train_data if train else fast.test_data
-        plain = epoch_of(default.train_data if train else default.test_data, default.args,
-                         train, 1)
-        once, again = (epoch_of(view, fast.args, train, 1) for _ in range(2))
-        assert [labels.tolist() for _, labels in once] == [l.tolist() for _, l in plain]
+        plain = epoch_of(default, train, 1)
+        once, again = (epoch_of(fast, train, 1) for _ in range(2))
+        assert [labels.tolist() for _, labels in once] == [y.tolist() for _, y in plain]
         for (images, _), (same, _) in zip(once, again):
             assert torch.equal(images, same)  # the same (seed, epoch): the same batches
-        assert once[0][0].shape == plain[0][0].shape == (8, 3, 64, 64)
+        assert once[0][0].shape == plain[0][0].shape == (4, 3, 64, 64)
         assert once[0][0].is_contiguous(memory_format=torch.channels_last)
-    later = epoch_of(fast.train_data, fast.args, True, 2)
-    assert [l.tolist() for _, l in later] != [l.tolist() for _, l in once]
+        if not train:  # no augmentation: resized and normalised as the PIL pipeline does
+            std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+            levels = ((once[0][0] - plain[0][0]) * std * 255).abs()  # in uint8 levels
+            assert levels.max() < 0.01, levels.max()
+    later = epoch_of(fast, True, 2)
+    assert [y.tolist() for _, y in later] != [y.tolist() for _, y in epoch_of(fast, True, 1)]
 
 
-def test_fast_test_images_are_the_reports(fast):
-    """No augmentation at test time: resize and normalize, as the PIL pipeline does."""
-    default = build("fixed.py", *SMALL)
-    (images, _), (plain, _) = (epoch_of(built.test_data, built.args, False, 1)[0]
-                               for built in (fast, default))
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    levels = ((images - plain) * std * 255).abs()  # in uint8 levels, before normalising
-    assert levels.max() < 0.01, levels.max()
-
-
-def test_fast_augments_each_image_on_its_own(fast):
+def test_fast_augments_each_image_on_its_own(monkeypatch):
     """Flip and rotation drawn per image: copies of one image come out different."""
-    view = fast.train_data
-    source = batches(view, fast.args, train=True)
-    source.images[:] = source.images[:1].clone()  # every image the same
-    source.set_epoch(1)
-    images, _ = next(iter(source))
-    assert len({tuple(image.flatten()[::97].tolist()) for image in images}) > 4
+    write_cifar(Path("data"), monkeypatch, same_image=True)
+    images, _ = epoch_of(build("fixed.py", *AT_64, "--fast"), True, 1)[0]
+    assert len({tuple(image.flatten()[::97].tolist()) for image in images}) > 2
+
+
+def test_fast_gives_its_model_whole_batches_and_counts_each_test_image_once(cifar, tmp_path):
+    """12 training images at batch 5: two batches, 2 images left out of the epoch; 8 test
+    images: 5, then 3 padded to 5 for the model, and only the 3 counted."""
+    built = build("fixed.py", *SMALL, "--fast", "--batch-size", "5", "--epochs", "1",
+                  "--limit-train-batches", "3", "--limit-eval-batches", "2")
+    sizes, labels = [], cifar.test[1]
+
+    def predict_the_last_label(module, inputs, output):  # class c for every image, any batch
+        sizes.append(len(inputs[0]))
+        return output * 0 + nn.functional.one_hot(torch.tensor(labels[-1]), 100)
+    built.model.module.register_forward_hook(predict_the_last_label)
+    train_for_real(built)
+    assert sizes == [5] * 4  # 2 training batches, 2 test batches
+    [entry] = json.loads((tmp_path / "results/fixed.json").read_text())["epochs"]
+    accuracy = 100 * labels.count(labels[-1]) / TEST_N
+    assert entry["test_acc"] == pytest.approx(accuracy)
+    # cross-entropy of logits 1 at c and 0 elsewhere: log(99 + e) - 1 where the label is c
+    assert entry["test_loss"] == pytest.approx(torch.tensor(99 + torch.e).log() - accuracy / 100)
+    trained_on_c = entry["train_acc"] * 10 / 100  # of the 10 images trained on
+    assert trained_on_c == pytest.approx(round(trained_on_c))
 
 
 class SlowAtFirst(nn.Module):
-    """A stand-in for a compiled model: its first two calls (compile, CUDA-graph capture)
-    and its first call at a new batch size (a new graph) take 0.3 s more."""
+    """A stand-in model: every call takes 0.05 s, and its first two in training (as a compile
+    and a CUDA-graph capture would) 0.5 s more."""
 
     def __init__(self):
         super().__init__()
-        self.linear, self.seen = nn.Linear(3, 100), {}
+        self.linear, self.calls = nn.Linear(3, 100), 0
 
     def forward(self, images):
-        calls = self.seen[len(images)] = self.seen.get(len(images), 0) + 1
-        if calls <= 2:
-            time.sleep(0.3)
+        self.calls += self.training
+        time.sleep(0.05 + 0.5 * (self.training and self.calls <= 2))
         return self.linear(images.mean((2, 3)))
 
 
-def test_steady_images_per_second_leave_the_warmup_out():
-    args = training.parse_args("fixed.py", "", epochs=1, batch_size=4, lr=0.005, image_size=32,
-                               argv=[*TINY, "--fast"])
-    model = nn.DataParallel(SlowAtFirst())
-    optimizer = torch.optim.Adam(model.parameters())
-    data = [(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))] * 12
-    data.append((torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)))  # the last, partial
-    epoch = type("Epoch", (list,), {"set_epoch": lambda self, epoch: None})(data)
-    meter = training.train(model, epoch, nn.CrossEntropyLoss(), optimizer, 1, args,
-                           compiled=True)
-    assert meter.images == 50
-    assert meter.warmup_seconds > 0.9  # 2 warm-up steps and the partial batch's first
-    steady_seconds = meter.seconds - meter.warmup_seconds
-    assert meter.rate() == pytest.approx(4 * 10 / steady_seconds, rel=0.2)  # 10 steady batches
+def test_images_per_second_leave_the_warmup_out(cifar, tmp_path):
+    """6 training steps of 2 images: 2 of warm-up (1.1 s), then 4 at 0.05 s: ~40 img/s, not
+    the 9 of the whole loop. The warm-up is reported apart, with the test loop's."""
+    built = build("fixed.py", *SMALL, "--batch-size", "2", "--limit-train-batches", "6",
+                  "--limit-eval-batches", "4", "--epochs", "1")
+    built.model = training.data_parallel(SlowAtFirst(), built.args.device)
+    built.optimizer = torch.optim.Adam(built.model.parameters())
+    train_for_real(built)
+    [entry] = json.loads((tmp_path / "results/fixed.json").read_text())["epochs"]
+    assert entry["train_images_per_second"] == pytest.approx(40, rel=0.3)
+    assert entry["warmup_seconds"] == pytest.approx(1.1 + 2 * 0.05, abs=0.3)
 
 
 def test_fast_learns_the_synthetic_set(tmp_path):
@@ -98,8 +105,8 @@ def test_fast_learns_the_synthetic_set(tmp_path):
     in 3 epochs of 3 batches, by a wide margin. Deterministic: fixed seed, no workers."""
     built = build("fixed.py", "--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0",
                   "--image-size", "32", "--batch-size", "128", "--limit-train-batches", "3",
-                  "--limit-eval-batches", "1", "--epochs", "3", "--output-dir", tmp_path, "--fast")
-    training.run(built.args, built.model, built.criterion, built.optimizer, built.train_data,
-                 built.test_data)
-    losses = [e["train_loss"] for e in json.loads((tmp_path / "fixed.json").read_text())["epochs"]]
+                  "--limit-eval-batches", "1", "--epochs", "3", "--fast")
+    train_for_real(built)
+    epochs = json.loads((tmp_path / "results/fixed.json").read_text())["epochs"]
+    losses = [entry["train_loss"] for entry in epochs]
     assert losses[-1] < losses[0] - 0.3, losses

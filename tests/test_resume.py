@@ -1,9 +1,7 @@
 """Stopping, resuming and failing a run, end to end, on conftest.TINY's CPU run. Fixture `runs`
 starts its runs two at a time in the background; refusals run __main__ in this process."""
-import io
 import json
 import os
-import runpy
 import shlex
 import shutil
 import signal
@@ -12,14 +10,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
 
 import schema
 import training
-from conftest import ENV, REPO, TINY, build, one_error_line, run_script
+from conftest import ENV, REPO, SMALL, TINY, build, one_error_line, run_here, run_script
 
 FIXED, EPOCHS = [sys.executable, str(REPO / "fixed.py")], ["--epochs", "3"]
 TIMING = {"epoch_seconds", "train_images_per_second", "warmup_seconds"}
@@ -74,6 +71,17 @@ def test_resume_equals_an_uninterrupted_run_whatever_the_workers(runs):
     assert_same_run(runs["resume"].result(), runs["reference"].result().out)
 
 
+def test_a_fast_resume_equals_an_uninterrupted_run(cifar, tmp_path):
+    """--fast: 1 epoch, then --resume to 2, is bit for bit 2 epochs; each epoch leaves out
+    of training a last, partial batch (2 of 12 images at batch 5) drawn from (seed, epoch)."""
+    fast = [*SMALL, "--fast", "--batch-size", "5", "--limit-train-batches", "3"]
+    for out, *steps in (("once", ["--epochs", "2"]),
+                        ("resumed", ["--epochs", "1"], ["--epochs", "2", "--resume"])):
+        for step in steps:
+            ok(run_here("fixed.py", *fast, "--output-dir", tmp_path / out, *step))
+    assert_same_run(tmp_path / "resumed", tmp_path / "once")
+
+
 @pytest.mark.parametrize("moment", ["start-up", "mid-epoch", "checkpoint-before-json"])
 def test_sigkill_leaves_complete_files_and_resume_finishes_the_run(runs, moment):
     """SIGKILL at any of 3 moments leaves complete files; --resume ends as if uninterrupted."""
@@ -91,7 +99,7 @@ def test_sigkill_leaves_complete_files_and_resume_finishes_the_run(runs, moment)
 
 
 @pytest.mark.parametrize("case", REFUSALS)
-def test_a_refused_resume_is_one_line_and_touches_nothing(runs, built, tmp_path, case):
+def test_a_refused_resume_is_one_line_and_touches_nothing(runs, tmp_path, case):
     """A refused --resume (REFUSALS) exits 1 or 2 in one line, every byte in the folder kept."""
     out, script = tmp_path / "out", "fixed"
     shutil.copytree(runs["reference"].result().out, out)
@@ -111,7 +119,7 @@ def test_a_refused_resume_is_one_line_and_touches_nothing(runs, built, tmp_path,
     elif case == "bug.py":  # fixed.py's run, at its lr: only the script differs
         script, argv = "bug", [*argv, "--run-name", "fixed", "--lr", "0.005"]
     before = {path.name: path.read_bytes() for path in out.iterdir()}
-    line = one_error_line(main(script, argv, built), REFUSALS[case][0])
+    line = one_error_line(run_here(f"{script}.py", *argv), REFUSALS[case][0])
     assert all(words in line for words in REFUSALS[case][1]), line
     if case == "no-checkpoint":
         advice = line.split("fixed.json", 1)[1]
@@ -120,7 +128,7 @@ def test_a_refused_resume_is_one_line_and_touches_nothing(runs, built, tmp_path,
 
 
 def test_resume_with_nothing_to_do_rebuilds_the_results_from_a_checkpoint_made_elsewhere(
-        runs, built, tmp_path):
+        runs, tmp_path):
     """--resume of a finished checkpoint from elsewhere, no JSON: JSON rebuilt, stale temp gone."""
     assert set(ELSEWHERE) == set(schema.CONFIG) - set(schema.RECIPE)
     out = tmp_path / "out"
@@ -130,17 +138,17 @@ def test_resume_with_nothing_to_do_rebuilds_the_results_from_a_checkpoint_made_e
     torch.save(state, out / "fixed.pth")
     (out / ".fixed.pth.tmp").write_bytes(b"\0" * 1000)  # what a killed write leaves
     checkpoint_bytes = (out / "fixed.pth").read_bytes()
-    ok(main("fixed", tiny(out, "--resume", "--epochs", "2"), built))
+    ok(run_here("fixed.py", *tiny(out, "--resume", "--epochs", "2")))
     document, _ = complete_files(out)
     assert (document["status"], document["config"]["epochs"], document["epochs"]) == (
         "finished", 3, state["history"])
     assert (out / "fixed.pth").read_bytes() == checkpoint_bytes and temps(out) == []
 
 
-def test_a_non_finite_loss_stops_the_run_keeping_its_finished_epochs(built, tmp_path):
+def test_a_non_finite_loss_stops_the_run_keeping_its_finished_epochs(tmp_path):
     """A NaN or infinite loss: one line, "failed", the epochs before it kept in both files."""
     out = tmp_path / "out"
-    assert "NaN or infinite" in one_error_line(main("fixed", tiny(out, *NON_FINITE), built), 1)
+    assert "NaN or infinite" in one_error_line(run_here("fixed.py", *tiny(out, *NON_FINITE)), 1)
     document, state = complete_files(out)
     assert len(document["epochs"]) >= 1, f"{NON_FINITE} now fails in epoch 1: lower --lr"
     assert (document["status"], document["epochs"], temps(out)) == ("failed", state["history"], [])
@@ -172,17 +180,17 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
     assert_same_run(full.out, runs["reference"].result().out)
 
 
-def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(built, tmp_path, monkeypatch):
+def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path):
     """Out of GPU memory in training: a one-line RunError naming --batch-size, "failed"."""
-    monkeypatch.setattr(training.loop, "train", mock.Mock(side_effect=torch.OutOfMemoryError(
-        "CUDA out of memory. Tried to allocate 2.00 GiB")))
-    args = training.parse_args(REPO / "fixed.py", "", epochs=3, batch_size=4, lr=0.005,
-                               image_size=32, argv=tiny(tmp_path / "out"))
+    built = build("fixed.py", *tiny(tmp_path / "out"))
+
+    def train(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(training.RunError, match="out of GPU memory") as error:
-        training.run(args, built.model, built.criterion, built.optimizer, built.train_data,
-                     built.test_data)
+        training.run(built.args, built.model, built.criterion, built.optimizer,
+                     built.train_data, built.test_data, train=train, validate=None)
     assert "--batch-size" in str(error.value) and "\n" not in str(error.value), error.value
-    assert json.loads(args.results_path.read_text())["status"] == "failed"
+    assert json.loads(built.args.results_path.read_text())["status"] == "failed"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -208,22 +216,15 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built():
-    """fixed.py's objects (conftest.build), and so the data set of TINY, built once."""
-    return build("fixed.py", *TINY)
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory, request):
+def stopped(tmp_path_factory):
     """A run (--workers 2) to an epoch, second writers refused meanwhile, SIGINT; its printed
     command to an epoch more, SIGTERM; that one's, to one epoch more than its checkpoint."""
     out = tmp_path_factory.mktemp("signals") / "out"
     argv = tiny(out, *LONG)
 
     def refuse_second_writers(proc):
-        built = request.getfixturevalue("built")  # built while the run starts
         wait_for_epochs(out, proc, 1)
-        return {flag: main("fixed", [*argv, flag], built) for flag in ("--overwrite", "--resume")}
+        return {flag: run_here("fixed.py", *argv, flag) for flag in ("--overwrite", "--resume")}
     sigint = interrupt(out, [*FIXED, *argv], refuse_second_writers, signal.SIGINT)
     sigterm = interrupt(out, sigint.command, lambda proc: wait_for_epochs(
         out, proc, sigint.left[1]["epoch"] + 1), signal.SIGTERM)
@@ -334,20 +335,6 @@ def ok_run(out, *extra):
 
 def ok(proc):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-
-
-def main(name, argv, built):
-    """NAME.py's __main__ with ARGV here, `built`'s data set in place: (returncode, stderr)."""
-    script, stderr, status = str(REPO / f"{name}.py"), io.StringIO(), 0
-    data = built.train_data, built.test_data
-    with (mock.patch.multiple(sys, argv=[script, *map(str, argv)], stderr=stderr),
-          mock.patch.object(training, "cifar100", lambda args: data),
-          mock.patch.object(signal, "signal")):  # no SIGTERM handler left in this process
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exit_:
-            status = exit_.code
-    return SimpleNamespace(returncode=status, stderr=stderr.getvalue())
 
 
 def complete_files(out):

@@ -2,19 +2,14 @@
 on a tiny CIFAR-100 in ./data (fixture `cifar`), smaller than --dummy's 60,000 images."""
 import ast
 import difflib
-import hashlib
 import importlib
-import io
 import itertools
 import json
-import pickle
 import re
-import runpy
 import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,19 +19,29 @@ import pytest
 import torch
 import torch.nn as nn
 from efficientnet_pytorch import EfficientNet
-from torchvision import datasets, transforms
+from torchvision import transforms
 
 import training
-from conftest import ENV, REPO, TINY, build, one_error_line, run_script
+from conftest import (
+    ENV,
+    REPO,
+    SMALL,
+    TEST_N,
+    TINY,
+    TRAIN_N,
+    build,
+    one_error_line,
+    run_here,
+    run_script,
+)
+from training.data import LoaderBatches
 
 SCRIPTS = ["bug.py", "fixed.py"]
 B0_100, BN_AFFINE = 4_135_648, 42_016  # b0 with a 100-class head; its BatchNorm weights, biases
 PROXIES = {**dict.fromkeys(["https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"],
                            "http://127.0.0.1:9"), "no_proxy": "", "NO_PROXY": ""}  # no network
 OFFLINE = {**ENV, **PROXIES}
-SMALL = [a for a in TINY if a != "--dummy"]  # TINY, on the `cifar` fixture's data
 PRETRAINED = [a for a in SMALL if a != "--no-pretrained"]
-TRAIN_N, TEST_N = 12, 8
 ARCHIVE, WEIGHTS = training.data.CIFAR_ARCHIVE, training.model.WEIGHTS_FILE
 
 
@@ -63,9 +68,9 @@ def test_what_each_script_freezes_optimizes_and_changes(cifar, script, size, bat
     in_adam = [net._fc.weight, net._fc.bias] if bug else net.parameters()
     assert sorted(map(id, held)) == sorted(map(id, in_adam))
     stats = {n: t.clone() for n, t in net.named_buffers() if "running" in n}
-    meter = training.train(b.model, training.data.batches(b.train_data, b.args, train=True),
-                           b.criterion, b.optimizer, 1, b.args)
-    assert meter.images == 8  # --limit-train-batches 2 of 4
+    steps = Steps(LoaderBatches(b.train_data, b.args, train=True))
+    b.script.train(b.model, steps, b.criterion, b.optimizer)  # the script's own step
+    assert steps.recorded == 8  # --limit-train-batches 2 of 4
     changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
     assert changed == (set() if bug else set(before))
     assert all(not torch.equal(t, stats[n]) for n, t in net.named_buffers() if n in stats)
@@ -92,7 +97,7 @@ def test_default_batches_are_the_reports_torchvision_pipeline(cifar, script, siz
                 expected[train, epoch, index] = report(image), label
     for workers, (train, view) in itertools.product((0, 2), views.items()):
         args = SimpleNamespace(**{**vars(b.args), "workers": workers})
-        batches = training.data.batches(view, args, train)
+        batches = LoaderBatches(view, args, train)
         for epoch in (1, 2):
             batches.set_epoch(epoch)
             orders[workers, train, epoch] = order = []
@@ -152,11 +157,10 @@ def test_weights_file_is_the_backbone_and_the_seed_draws_the_head(cifar):
      "checkpoint of a run")],
     ids=["no file", "a directory", "a text file", "another model", "b0, other shapes",
          "a run checkpoint"])
-def test_weights_that_are_not_b0s_are_refused(cifar, monkeypatch, capsys, make, words):
+def test_weights_that_are_not_b0s_are_refused(cifar, make, words):
     """fixed.py --weights W: exit 2 and one line saying what W is; nothing built or written."""
     make()
-    proc = run_here("fixed.py", *PRETRAINED, "--weights", "w", "--output-dir", "out",
-                    monkeypatch=monkeypatch, capsys=capsys)
+    proc = run_here("fixed.py", *PRETRAINED, "--weights", "w", "--output-dir", "out")
     line = one_error_line(proc, 2)
     assert line.startswith("fixed.py: error: --weights w: ") and words in line
     assert "parameters require grad" not in proc.stdout and not Path("out").exists()
@@ -187,7 +191,7 @@ REFUSED = [  # argv (after --device cpu --output-dir out), what the one error li
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=[case[0][:30] for case in REFUSED])
-def test_a_bad_command_line_is_refused_before_anything_loads(monkeypatch, capsys, case):
+def test_a_bad_command_line_is_refused_before_anything_loads(capsys, case):
     """training.parse_args: exit 2, one line naming the flag and what to do; nothing created."""
     argv, *words = case
     if argv == "--device cuda" and torch.cuda.is_available():
@@ -196,7 +200,6 @@ def test_a_bad_command_line_is_refused_before_anything_loads(monkeypatch, capsys
     Path("a_file").write_text("x")
     Path("earlier/fixed.json").write_text("{}")
     files = tree()
-    monkeypatch.setattr("fixed.build", lambda args: pytest.fail("not refused"))
     with pytest.raises(SystemExit) as exit_:  # from training.parse_args
         build("fixed.py", "--device", "cpu", "--output-dir", "out", *shlex.split(argv))
     proc = SimpleNamespace(returncode=exit_.value.code, stderr=capsys.readouterr().err)
@@ -242,7 +245,7 @@ def test_real_processes_refuse_or_fail_in_one_line_and_import_silently(tmp_path)
      [f"{{home}}/hub/checkpoints/{WEIGHTS} is corrupt", "delete it to download it again, or pass "
       "--weights PATH"])],
     ids=["truncated archive", "corrupt folder", "no data in x/d", "no weights", "corrupt weights"])
-def test_offline_a_missing_resource_is_one_line(cifar, monkeypatch, capsys, cut_short, argv, words):
+def test_offline_a_missing_resource_is_one_line(cifar, monkeypatch, cut_short, argv, words):
     """fixed.py, no network, empty hub: exit 1, one line saying what to do; no folder left."""
     for name, value in {**PROXIES, "TORCH_HOME": str(Path("home").absolute())}.items():
         monkeypatch.setenv(name, value)
@@ -252,8 +255,7 @@ def test_offline_a_missing_resource_is_one_line(cifar, monkeypatch, capsys, cut_
         Path(cut_short).parent.mkdir(parents=True, exist_ok=True)
         Path(cut_short).write_bytes(b"PK\x03\x04" + bytes(1000))
     files = tree()
-    proc = run_here("fixed.py", *PRETRAINED, "--output-dir", "out", *argv,
-                    monkeypatch=monkeypatch, capsys=capsys)
+    proc = run_here("fixed.py", *PRETRAINED, "--output-dir", "out", *argv)
     line = one_error_line(proc, 1)
     assert proc.stderr.splitlines() == [line]
     assert all(w.format(home=Path("home").absolute()) in line for w in words), line
@@ -262,7 +264,8 @@ def test_offline_a_missing_resource_is_one_line(cifar, monkeypatch, capsys, cut_
 
 
 def test_the_diff_between_the_scripts_is_the_fix():
-    """`diff bug.py fixed.py`: ≤ 30 lines, each a comment, marked, freezing or Adam's argument."""
+    """`diff bug.py fixed.py`: ≤ 30 lines, each a comment, marked, freezing or Adam's argument;
+    the step, train() and validate(), the same in both."""
     text = {s: (REPO / s).read_text() for s in SCRIPTS}
     assert all(f"ROOT CAUSE {n}:" in text["bug.py"] and f"FIX {n}" in text["fixed.py"]
                for n in range(1, 5))
@@ -277,6 +280,13 @@ def test_the_diff_between_the_scripts_is_the_fix():
         allowed[script] = {i for n in kept for i in range(n.lineno, n.end_lineno + 1)}
     assert adam[0].replace("model_transfer.module._fc.parameters()",  # only its parameters
                            "model_transfer.parameters()") == adam[1] != adam[0]
+    loops = {script: [ast.unparse(node) for node in ast.parse(text[script]).body if
+                      isinstance(node, ast.FunctionDef) and node.name in ("train", "validate")]
+             for script in SCRIPTS}  # each script's own step, the same in both, in order
+    assert loops["bug.py"] == loops["fixed.py"] and len(loops["bug.py"]) == 2
+    assert re.search(r"optimizer.zero_grad\(\)\s+output = model\(images\)\s+loss = "
+                     r"criterion\(output, labels\)\s+loss.backward\(\)\s+optimizer.step\(\)",
+                     loops["bug.py"][0])
     lines = {s: text[s].splitlines() for s in SCRIPTS}
     ops = [op for op in difflib.SequenceMatcher(None, *lines.values(), autojunk=False)
            .get_opcodes() if op[0] != "equal"]
@@ -307,10 +317,9 @@ def test_fixed_py_end_to_end_with_workers_started_by_spawn(tmp_path):
     assert "worker" in Path("spawned").read_text()
 
 
-def test_bug_py_with_fast_on_the_cpu(cifar, tmp_path, monkeypatch, capsys):
+def test_bug_py_with_fast_on_the_cpu(cifar, tmp_path):
     """--fast on the CPU: one notice that torch.compile needs CUDA, then a run that finishes."""
-    proc = run_here("bug.py", *SMALL, "--fast", "--epochs", "1",
-                    monkeypatch=monkeypatch, capsys=capsys)
+    proc = run_here("bug.py", *SMALL, "--fast", "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     notices = [line for line in proc.stdout.splitlines() if "torch.compile" in line]
     assert len(notices) == 1 and "needs CUDA, not cpu" in notices[0], notices
@@ -318,24 +327,27 @@ def test_bug_py_with_fast_on_the_cpu(cifar, tmp_path, monkeypatch, capsys):
 
 
 def test_the_epoch_line_names_every_number():
-    """Each number with its unit; images/s without an exponent; GPU memory and warm-up if any."""
+    """Each number with its unit; images/s without an exponent; GPU memory (reserved with
+    --fast) where there is a GPU; the warm-up left out of the images/s."""
     entry = dict(epoch=2, train_loss=1.5, train_acc=12.5, test_loss=2.25, test_acc=23.75,
                  epoch_seconds=61.5, train_images_per_second=99.7, peak_gpu_memory_gib=None,
-                 warmup_seconds=None)
+                 warmup_seconds=89.0)
     head = "epoch 2/40: train loss 1.5000 acc 12.50% | test loss 2.2500 acc 23.75% | 61.5 s, "
-    line = training.loop.epoch_line
-    assert line(entry, 40) == head + "100 train img/s"  # not 1e+02
-    assert line({**entry, "train_images_per_second": 0.214}, 40) == head + "0.21 train img/s"
+    line, args = training.loop.epoch_line, SimpleNamespace(epochs=40, fast=False)
+    assert line(entry, args) == head + "100 train img/s, warm-up 89.0 s"  # not 1e+02
+    assert line({**entry, "train_images_per_second": 0.214}, args) == \
+        head + "0.21 train img/s, warm-up 89.0 s"
     gpu = {**entry, "train_images_per_second": 1234.0, "peak_gpu_memory_gib": 7.5}
-    assert line(gpu, 40) == head + "1,234 train img/s, peak 7.50 GiB"
-    assert line({**gpu, "warmup_seconds": 89.0}, 40) == \
-        head + "1,234 train img/s, peak 7.50 GiB reserved, compile warm-up 89 s"
+    assert line(gpu, args) == head + "1,234 train img/s, peak 7.50 GiB, warm-up 89.0 s"
+    assert line(gpu, SimpleNamespace(epochs=40, fast=True)) == \
+        head + "1,234 train img/s, peak 7.50 GiB reserved, warm-up 89.0 s"
     assert [training.loop.rate(r) for r in (9.97, 99.7, 999.7)] == ["10", "100", "1,000"]
+
 
 STARTUP = {"bug.py": "bug: 42,016 of 4,135,648 parameters require grad, 0 of them",
            "fixed.py": "fixed: 4,135,648 of 4,135,648 parameters require grad, 4,135,648 of them"}
 EPOCH_LINE = (r"epoch 1/1: train loss \d+\.\d{4} acc \d+\.\d\d% \| test loss \d+\.\d{4} "
-              r"acc \d+\.\d\d% \| \d+\.\d s, [\d.,]+ train img/s")
+              r"acc \d+\.\d\d% \| \d+\.\d s, [\d.,]+ train img/s, warm-up \d+\.\d s")
 
 
 def assert_finished(folder, script, stdout):  # the lines a run prints, and its two files
@@ -347,17 +359,15 @@ def assert_finished(folder, script, stdout):  # the lines a run prints, and its 
     assert "model" in torch.load(folder / f"results/{name}.pth", weights_only=True)
 
 
-def run_here(script, *argv, monkeypatch, capsys):
-    """`python SCRIPT ARGV` as __main__ in this process: no subprocess, no 4 s of imports."""
-    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    monkeypatch.setattr("signal.signal", lambda *_: None)  # pytest keeps its SIGTERM handler
-    status = 0
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=status, stdout=out, stderr=err)
+class Steps(list):
+    """An epoch's batches for a script's train(), with the record() it calls every step."""
+    def __init__(self, batches):
+        batches.set_epoch(1)
+        super().__init__(batches)
+        self.recorded = 0
+
+    def record(self, loss, output, labels):
+        self.recorded += len(labels)
 
 
 def save_b0(path):
@@ -370,31 +380,3 @@ def save_b0(path):
 
 def tree():
     return sorted(str(p) for p in Path().rglob("*"))
-
-
-@pytest.fixture
-def cifar(tmp_path, monkeypatch):
-    """A tiny CIFAR-100 in ./data (the default --data-dir), as torchvision reads it and as a
-    download (.archive) delivers it; torch on one thread, as conftest.ENV has subprocesses."""
-    rng, splits, files = np.random.default_rng(0), {}, {"meta": {"fine_label_names": [
-        f"class{i}" for i in range(100)]}}
-    for split, n in (("train", TRAIN_N), ("test", TEST_N)):
-        data, labels = rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 100, n)
-        splits[split] = (data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), labels.tolist())
-        files[split] = {"data": data, "fine_labels": labels.tolist()}
-    archive, folder = io.BytesIO(), tmp_path / "data" / "cifar-100-python"
-    folder.mkdir(parents=True)
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        for name, content in files.items():
-            (folder / name).write_bytes(pickle.dumps(content, protocol=2))
-            tar.add(folder / name, f"cifar-100-python/{name}")
-    md5 = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in files}
-    for attribute, value in {  # CIFAR100's checksums, of these files
-            "train_list": [["train", md5["train"]]], "test_list": [["test", md5["test"]]],
-            "meta": {"filename": "meta", "key": "fine_label_names", "md5": md5["meta"]},
-            "tgz_md5": hashlib.md5(archive.getvalue()).hexdigest()}.items():
-        monkeypatch.setattr(datasets.CIFAR100, attribute, value)
-    threads = torch.get_num_threads()  # two threads on 2 busy cores mostly wait for each other
-    torch.set_num_threads(1)
-    yield SimpleNamespace(folder=folder, archive=archive.getvalue(), **splits)
-    torch.set_num_threads(threads)

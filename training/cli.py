@@ -12,34 +12,23 @@ from pathlib import Path
 
 import torch
 
-TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR-100's, and --dummy's
+from .data import DEFAULT_WORKERS, TRAIN_IMAGES
+from .errors import RunError, Terminated
+from .model import weights_problem
+from .rundir import files_problem
+
 # EfficientNet-b0 cannot take less than 32 px, and BatchNorm in training cannot take a
 # batch of one image under 64 px (its last feature map is then one value per channel).
 MIN_IMAGE_SIZE, MIN_SINGLE_IMAGE_SIZE = 32, 64
 MAX_IMAGE_SIZE = 2048  # twice the bug's: beyond it a step outgrows any GPU
 MAX_WORKERS = 64
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-DEFAULT_WORKERS = max(0, min(16, (CPUS or 1) - 1))  # the CPUs less one, at most 16
 NAME_MAX = 255  # bytes in one file name, on the common file systems
-
-
-class RunError(Exception):
-    """A failure the user can act on: one line, no traceback. Exit status 1, or 2 for what
-    the command line cannot ask."""
-    def __init__(self, message, status=1):
-        super().__init__(message)
-        self.status = status
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `kill`): it stops a run exactly as Ctrl-C does."""
 
 
 @contextmanager
 def command_line(script_file, description, **recipe):
     """Parse the command line, then run the block under the one top-level handler: a RunError
     or a stop signal ends the process in one line, anything unexpected with its traceback."""
-    from .model import weights_problem  # (model.py imports RunError from here)
     args = parse_args(script_file, description, **recipe)
 
     def stop_on_sigterm(signum, frame):  # a scheduler's, or `kill`'s: stop as Ctrl-C does
@@ -120,8 +109,6 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     if problem:
         parser.error(problem)
     args.pretrained = "none" if args.no_pretrained else "imagenet"
-    # fused Adam is a CUDA kernel; None leaves PyTorch's own default, as in the report.
-    args.fused = True if args.fast and args.device.type == "cuda" else None
     return args
 
 
@@ -185,21 +172,6 @@ def folder_problem(folder, access):
     system = existing != folder and hasattr(os, "statvfs") and os.statvfs(existing)  # POSIX
     if system and (system.f_flag & os.ST_RDONLY or system.f_blocks == 0):  # /proc, /sys
         return f"cannot be created in {existing} (a read-only or special file system)"
-    return None
-
-
-def files_problem(args):
-    """Why this run may not write its files as they are now, or None. Checked here, and
-    again under the run's lock."""
-    if args.resume and not args.checkpoint_path.exists():
-        if args.results_path.exists():
-            return (f"--resume: {args.results_path} has no checkpoint beside it to resume "
-                    "from: --overwrite starts the run afresh")
-        return f"--resume: no run {args.checkpoint_path} to resume: leave out --resume"
-    existing = [p for p in (args.results_path, args.checkpoint_path) if p.exists()]
-    if existing and not (args.resume or args.overwrite):
-        return (f"{existing[0]} holds an earlier run: pass --resume to continue it, "
-                "--overwrite to replace it, or --run-name to keep both")
     return None
 
 

@@ -1,6 +1,6 @@
 """CIFAR-100 (or --dummy's synthetic twin) through the report's transforms, and the batches
-of an epoch: from DataLoader workers, or with --fast from a copy kept on the device. Either
-way an epoch is a function of (seed, epoch) alone: not of --workers, and a resume replays."""
+of an epoch from DataLoader workers (--fast has its own, in fast.py). An epoch is a function
+of (seed, epoch) alone: not of --workers, and a resume replays it."""
 import os
 import shutil
 import sys
@@ -13,9 +13,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
-from . import augment
-from .cli import TEST_IMAGES, TRAIN_IMAGES, RunError
+from .errors import RunError
 
+TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR-100's, and --dummy's
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+DEFAULT_WORKERS = max(0, min(16, (CPUS or 1) - 1))  # the CPUs less one, at most 16
 CIFAR_ARCHIVE, CIFAR_URL = datasets.CIFAR100.filename, datasets.CIFAR100.url
 
 
@@ -39,20 +41,22 @@ def cifar100(args):
             SeededView(test_set, test_transforms, args.seed))
 
 
-def batches(view, args, train):
-    """What an epoch of training (train=True) or testing iterates: (images, labels) on the
-    device, ready for the model. set_epoch(epoch) before each epoch."""
+def epoch_sampler(view, args, train):
+    """The (epoch, index) keys of an epoch of training (shuffled) or testing (in order),
+    --limit-*-batches applied."""
     limit = args.limit_train_batches if train else args.limit_eval_batches
-    sampler = EpochSampler(len(view), args.seed, shuffle=train,
-                           limit=limit * args.batch_size if limit else None)
-    return (DeviceBatches if args.fast else LoaderBatches)(view, sampler, args)
+    return EpochSampler(len(view), args.seed, shuffle=train,
+                        limit=limit * args.batch_size if limit else None)
 
 
 class LoaderBatches:
-    """The report's PIL transforms in DataLoader workers. They stop at uint8 (a quarter of
-    float32's bytes to pass between processes), and ToTensor's scaling and Normalize run on
-    the device with the very same float32 arithmetic: bit-identical numbers."""
-    def __init__(self, view, sampler, args):
+    """What an epoch of training or testing iterates: (images, labels) on the device, ready
+    for the model; set_epoch(epoch) first. The report's PIL transforms run in DataLoader
+    workers and stop at uint8 (a quarter of float32's bytes to pass between processes);
+    ToTensor's scaling and Normalize run on the device with the very same float32
+    arithmetic: bit-identical numbers."""
+    def __init__(self, view, args, train):
+        sampler = epoch_sampler(view, args, train)
         self.view, self.device, self.set_epoch = view, args.device, sampler.set_epoch
         self.loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler,
                                  num_workers=args.workers, persistent_workers=args.workers > 0,
@@ -83,36 +87,6 @@ def quiet_worker(worker_id):
     if hasattr(os, "setpgrp"):  # POSIX
         os.setpgrp()
     sys.stderr = open(os.devnull, "w")
-
-
-class DeviceBatches:
-    """--fast: the data set copied once to the device as uint8, gathered in the sampler's
-    order and augmented there in whole batches (augment.py): no workers, no per-image
-    Python, no host sync. Its draws are seeded from (seed, epoch): a resume replays."""
-    def __init__(self, view, sampler, args):
-        self.sampler, self.args, self.set_epoch = sampler, args, sampler.set_epoch
-        images = torch.from_numpy(np.asarray(view.images.data))
-        self.images = images.to(args.device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.as_tensor(view.images.targets, dtype=torch.long, device=args.device)
-        # ToTensor's scaling and Normalize in one multiply-add: (x / 255 - mean) / std.
-        scale, mean, std = normalize_constants(view.normalize, args.device)
-        self.gain, self.shift = 1 / (scale * std), -mean / std
-        self.generator = torch.Generator(args.device)
-        print(f"--fast: the {'training' if sampler.shuffle else 'test'} set on {args.device} as "
-              f"uint8, {self.images.nbytes / 2**20:,.0f} MiB", flush=True)
-
-    def __len__(self):
-        return -(-len(self.sampler) // self.args.batch_size)
-
-    def __iter__(self):
-        order = torch.tensor([index for _, index in self.sampler], device=self.args.device)
-        self.generator.manual_seed(mix_seed(self.args.seed, self.sampler.epoch, 2))
-        for indices in order.split(self.args.batch_size):
-            images = augment.resize(self.images[indices], self.args.image_size)
-            if self.sampler.shuffle:
-                images = augment.flip_rotate(images, *augment.draw(self.generator, len(indices)))
-            images = images.contiguous(memory_format=torch.channels_last)
-            yield torch.addcmul(self.shift, images, self.gain), self.labels[indices]
 
 
 def normalize_constants(normalize, device):
@@ -177,8 +151,10 @@ def synthetic_cifar100(train, seed):
     rng = np.random.default_rng([seed, int(train)])  # the same classes, other images
     size = TRAIN_IMAGES if train else TEST_IMAGES
     targets = rng.integers(100, size=size)  # classes
-    images = rng.integers(-64, 65, (size, 32, 32, 3), dtype=np.int16) + colours[targets, None, None]
-    return SimpleNamespace(data=images.clip(0, 255).astype(np.uint8), targets=targets.tolist())
+    images = rng.integers(-64, 65, (size, 32, 32, 3), dtype=np.int16)
+    images += colours[targets, None, None]  # in place: 300 MB less to allocate
+    return SimpleNamespace(data=images.clip(0, 255, out=images).astype(np.uint8),
+                           targets=targets.tolist())
 
 
 def load_cifar100(folder, train):

@@ -1,6 +1,6 @@
-"""run() trains to --epochs, testing and saving after every epoch; then train() and
-validate(), the loops the report's user would have written."""
-import importlib.util
+"""run() trains a script's model to --epochs with the script's own train() and validate(),
+testing and saving after every epoch. What those two iterate, and record each step into, is
+a Progress: the epoch's batches behind a progress bar, with its running loss and accuracy."""
 import shlex
 import sys
 import time
@@ -10,15 +10,22 @@ import torch
 from tqdm import tqdm
 
 import schema
-from . import rundir
-from .cli import RunError
-from .data import batches, mix_seed
+
+from . import fast, rundir
+from .data import LoaderBatches, mix_seed
+from .errors import RunError
 from .model import WEIGHTS_URL, count_params
 
+# A loop's first steps are its warm-up: cuDNN tries algorithms for each new shape, and with
+# --fast the model compiles and records its CUDA graphs. They are timed apart, and left out
+# of the images/s.
+WARMUP_STEPS = 2
 
-def run(args, model, criterion, optimizer, train_data, test_data):
-    """Train to --epochs. A failure, Ctrl-C or SIGTERM leaves every finished epoch and a true
-    status in the results, then goes up to the one handler (training.command_line)."""
+
+def run(args, model, criterion, optimizer, train_data, test_data, *, train, validate):
+    """Train to --epochs with the script's train() and validate(). A failure, Ctrl-C or
+    SIGTERM leaves every finished epoch and a true status in the results, then goes up to
+    the one handler (training.command_line)."""
     own = dict(optimizer=type(optimizer).__name__, **count_params(model, optimizer),
                weights=None if args.no_pretrained else str(args.weights or WEIGHTS_URL),
                device=describe(args.device), torch=str(torch.__version__))
@@ -44,15 +51,14 @@ def run(args, model, criterion, optimizer, train_data, test_data):
             rundir.save_checkpoint(args, model, optimizer, config, history)
         rundir.save_results(args, config, history, "running")
         try:
-            compiled = speed_up(model, args)
-            trains = batches(train_data, args, train=True)
-            tests = batches(test_data, args, train=False)
+            network, train_batches, test_batches = prepare(model, train_data, test_data, args)
             for epoch in range(len(history) + 1, args.epochs + 1):
-                entry = one_epoch(model, criterion, optimizer, trains, tests, epoch, args, compiled)
+                entry = one_epoch(epoch, network, criterion, optimizer, train_batches,
+                                  test_batches, train, validate, args)
                 rundir.save_checkpoint(args, model, optimizer, config, history + [entry])
                 history.append(entry)
                 rundir.save_results(args, config, history, "running")
-                print(epoch_line(entry, args.epochs), flush=True)
+                print(epoch_line(entry, args), flush=True)
         except (KeyboardInterrupt, Exception) as error:
             stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (Terminated)
             with suppress(RunError):  # the full disk that failed the run may refuse this too
@@ -75,110 +81,77 @@ def run(args, model, criterion, optimizer, train_data, test_data):
     print(f"done: {args.results_path} and {args.checkpoint_path}")
 
 
-def one_epoch(model, criterion, optimizer, train_batches, test_batches, epoch, args, compiled):
+def prepare(model, train_data, test_data, args):
+    """What the scripts' step calls as `model`, and the batches of training and of testing:
+    the model as built and DataLoader batches, or what --fast makes of them (fast.py)."""
+    torch.backends.cudnn.benchmark = args.device.type == "cuda"  # the fastest convolutions
+    if args.fast:
+        return fast.prepare(model, train_data, test_data, args)
+    return (model, LoaderBatches(train_data, args, train=True),
+            LoaderBatches(test_data, args, train=False))
+
+
+def one_epoch(epoch, model, criterion, optimizer, train_batches, test_batches, train, validate,
+              args):
+    """An epoch of the script's train() and validate(): its entry in the results."""
     # Dropout and drop-connect draw from (seed, epoch), as the data do: a resume replays.
     torch.manual_seed(mix_seed(args.seed, epoch, 1))
     cuda = args.device.type == "cuda"
     if cuda:
-        if compiled:  # what the eager warm-up left cached would count as reserved
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # (what an earlier epoch left cached is not this one's peak)
         torch.cuda.reset_peak_memory_stats(args.device)
     start = time.perf_counter()
-    trained = train(model, train_batches, criterion, optimizer, epoch, args, compiled)
-    tested = validate(model, test_batches, criterion, epoch, args, compiled)
-    # Peak memory: allocated, as the report's figure counts. With CUDA graphs, reserved: a
-    # replayed graph's tensors live in a pool the allocator holds but does not count.
-    peak = (torch.cuda.max_memory_reserved if compiled else torch.cuda.max_memory_allocated)
+    trained = Progress(f"epoch {epoch} training", train_batches, epoch, args)
+    train(model, trained, criterion, optimizer)
+    tested = Progress(f"epoch {epoch} test", test_batches, epoch, args)
+    validate(model, tested, criterion)
+    # Peak memory: allocated, as the report's figure counts. With --fast, reserved: a
+    # replayed CUDA graph's tensors live in a pool the allocator holds but does not count.
+    peak = torch.cuda.max_memory_reserved if args.fast else torch.cuda.max_memory_allocated
     return schema.record(
         schema.EPOCH, epoch=epoch, train_loss=trained.loss(), train_acc=trained.accuracy(),
         test_loss=tested.loss(), test_acc=tested.accuracy(),
         epoch_seconds=time.perf_counter() - start, train_images_per_second=trained.rate(),
         peak_gpu_memory_gib=peak(args.device) / 2**30 if cuda else None,
-        warmup_seconds=trained.warmup_seconds + tested.warmup_seconds if compiled else None)
+        warmup_seconds=trained.warmup_seconds() + tested.warmup_seconds())
 
 
-def train(model, batches, criterion, optimizer, epoch, args, compiled=False):
-    model.train()
-    batches.set_epoch(epoch)
-    meter = Meter(f"epoch {epoch} training", batches, args, compiled)
-    for images, labels in meter:
-        network = what_runs(model, args, compiled, len(labels))
-        if compiled:  # CUDA graphs: a step's outputs and gradients live in memory that the
-            # next replay overwrites, so nothing may outlive its step, not even a gradient
-            # that no optimizer clears (bug.py's BatchNorm parameters). No number changes.
-            torch.compiler.cudagraph_mark_step_begin()
-            model.zero_grad(set_to_none=True)
-        optimizer.zero_grad()
-        with torch.autocast(args.device.type, torch.bfloat16, enabled=args.fast):
-            output = network(images)
-            loss = criterion(output, labels)
-        loss.backward()
-        optimizer.step()
-        meter.update(loss, output, labels)
-    return meter
+class Progress:
+    """One loop over an epoch's batches, behind a progress bar: what the scripts' train() and
+    validate() iterate, and record() each step into. The running loss and accuracy stay on
+    the device and are read (one sync) once a second: then a NaN or infinite loss stops the
+    run. Its images/s are those after the warm-up (WARMUP_STEPS)."""
 
-
-def validate(model, batches, criterion, epoch, args, compiled=False):
-    model.eval()
-    batches.set_epoch(epoch)
-    meter = Meter(f"epoch {epoch} test", batches, args, compiled)
-    with torch.no_grad():
-        for images, labels in meter:
-            network = what_runs(model, args, compiled, len(labels))
-            if compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(args.device.type, torch.bfloat16, enabled=args.fast):
-                output = network(images)
-                loss = criterion(output, labels)
-            meter.update(loss, output, labels)
-    return meter
-
-
-def what_runs(model, args, compiled, batch):
-    """--fast: past DataParallel (~0.5 ms of device checks a step); a last, smaller batch eager."""
-    if not args.fast:
-        return model
-    return model.module.forward if compiled and batch < args.batch_size else model.module
-
-
-class Meter:
-    """Iterates the batches behind a progress bar and keeps the running loss and accuracy on
-    the device, read (one sync) once a second: then a NaN or infinite loss stops the run.
-    Its images/s are the steady state's: without --fast's first two steps (they compile
-    and record the CUDA graph) and a last, smaller batch."""
-    def __init__(self, where, batches, args, compiled):
-        self.where, self.batches, self.args = where, batches, args
-        self.warmup_steps = 2 if compiled else 0
+    def __init__(self, where, batches, epoch, args):
+        self.where, self.batches, self.epoch, self.device = where, batches, epoch, args.device
         self.loss_sum = self.correct = self.images = 0
-        self.marks = []  # (time, images) where the steady state starts, and where it ends
+        self.warm = None  # (seconds, images) when the warm-up ended, if it did
 
     def __iter__(self):
+        self.batches.set_epoch(self.epoch)
         start = last_read = time.perf_counter()
         with tqdm(self.batches, desc=self.where, unit="batch", leave=False,
                   dynamic_ncols=True) as bar:
             for step, (images, labels) in enumerate(bar):
-                if step == self.warmup_steps or self.marks and len(labels) < self.args.batch_size:
-                    self.mark()
+                if step == WARMUP_STEPS:
+                    self.warm = (self.clock() - start, self.images)
                 yield images, labels
                 if time.perf_counter() - last_read >= 1.0:
                     last_read = time.perf_counter()
                     self.read(bar, last_read - start)
-            self.read(bar, time.perf_counter() - start)
-        self.mark()
-        self.seconds = time.perf_counter() - start
-        (start, first), (end, last) = self.marks[0], self.marks[min(1, len(self.marks) - 1)]
-        self.steady_images, self.warmup_seconds = last - first, self.seconds - (end - start)
+            self.seconds = self.clock() - start
+            self.read(bar, self.seconds)
 
-    def update(self, loss, output, labels):
+    def record(self, loss, output, labels):
         # float64: an epoch adds up to 12,500 batch losses
         self.loss_sum = self.loss_sum + loss.detach().double() * len(labels)
         self.correct = self.correct + (output.argmax(1) == labels).sum()
         self.images += len(labels)
 
-    def mark(self):
-        if self.args.device.type == "cuda":
-            torch.cuda.synchronize(self.args.device)
-        self.marks.append((time.perf_counter(), self.images))
+    def clock(self):  # once the device has done what was asked of it
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def read(self, bar, seconds):
         loss = self.loss()
@@ -196,29 +169,14 @@ class Meter:
         return 100.0 * float(self.correct) / self.images if self.images else float("nan")
 
     def rate(self):
-        """Images a second in the steady state, or over the whole loop if it had none."""
-        steady = self.seconds - self.warmup_seconds
-        return self.steady_images / steady if self.steady_images else self.images / self.seconds
+        """Images a second after the warm-up, or over the whole loop if it was all warm-up."""
+        if self.warm is None:
+            return self.images / self.seconds
+        seconds, images = self.warm
+        return (self.images - images) / (self.seconds - seconds)
 
-
-def speed_up(model, args):
-    """cuDNN's autotuner on CUDA; with --fast also channels_last, and torch.compile with CUDA
-    graphs (no launch overhead, which bounds the eager step) where it can. True if compiled."""
-    torch.backends.cudnn.benchmark = args.device.type == "cuda"
-    if not args.fast:
-        return False
-    model.to(memory_format=torch.channels_last)
-    if args.device.type != "cuda":
-        problem = f"torch.compile with CUDA graphs needs CUDA, not {args.device.type}"
-    elif importlib.util.find_spec("triton") is None:  # (Windows) it would fail mid-run
-        problem = "torch.compile needs Triton, which is not installed"
-    elif torch.cuda.get_device_capability(args.device) < (8, 0):  # a T4, a V100: no bf16
-        problem = f"torch.compile here needs native bf16, which {describe(args.device)} lacks"
-    else:  # in place: the state_dict's keys stay those of the bare EfficientNet
-        model.module.compile(mode="reduce-overhead", dynamic=False)
-        return True
-    print(f"--fast: {problem}; the rest of --fast applies, without torch.compile", flush=True)
-    return False
+    def warmup_seconds(self):
+        return self.seconds if self.warm is None else self.warm[0]
 
 
 def describe(device):
@@ -230,12 +188,11 @@ def rate(images_per_second):
     return f"{images_per_second:,.0f}" if images_per_second >= 10 else f"{images_per_second:.2g}"
 
 
-def epoch_line(entry, epochs):
-    memory, warmup = entry["peak_gpu_memory_gib"], entry["warmup_seconds"]
-    peak = ("" if memory is None  # the CPU
-            else f", peak {memory:.2f} GiB" + ("" if warmup is None else " reserved"))
-    return (f"epoch {entry['epoch']}/{epochs}: train loss {entry['train_loss']:.4f} "
+def epoch_line(entry, args):
+    memory = entry["peak_gpu_memory_gib"]
+    peak = "" if memory is None else f", peak {memory:.2f} GiB" + " reserved" * args.fast
+    return (f"epoch {entry['epoch']}/{args.epochs}: train loss {entry['train_loss']:.4f} "
             f"acc {entry['train_acc']:.2f}% | test loss {entry['test_loss']:.4f} "
             f"acc {entry['test_acc']:.2f}% | {entry['epoch_seconds']:.1f} s, "
-            f"{rate(entry['train_images_per_second'])} train img/s{peak}"
-            + ("" if warmup is None else f", compile warm-up {warmup:.0f} s"))
+            f"{rate(entry['train_images_per_second'])} train img/s{peak}, "
+            f"warm-up {entry['warmup_seconds']:.1f} s")

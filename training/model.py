@@ -7,7 +7,7 @@ import torch.nn as nn
 from efficientnet_pytorch import EfficientNet
 from efficientnet_pytorch.utils import url_map
 
-from .cli import RunError
+from .errors import RunError
 
 WEIGHTS_URL = url_map["efficientnet-b0"]
 WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]  # efficientnet-b0-355c32eb.pth

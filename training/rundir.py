@@ -12,7 +12,8 @@ import torch
 from filelock import FileLock, Timeout
 
 import schema
-from .cli import RunError, files_problem
+
+from .errors import RunError
 
 
 @contextmanager
@@ -41,6 +42,21 @@ def sole_writer(args):
         yield
     finally:
         lock.release()
+
+
+def files_problem(args):
+    """Why this run may not write its files as they are now, or None: checked at start-up,
+    and again under the run's lock."""
+    if args.resume and not args.checkpoint_path.exists():
+        if args.results_path.exists():
+            return (f"--resume: {args.results_path} has no checkpoint beside it to resume "
+                    "from: --overwrite starts the run afresh")
+        return f"--resume: no run {args.checkpoint_path} to resume: leave out --resume"
+    existing = [p for p in (args.results_path, args.checkpoint_path) if p.exists()]
+    if existing and not (args.resume or args.overwrite):
+        return (f"{existing[0]} holds an earlier run: pass --resume to continue it, "
+                "--overwrite to replace it, or --run-name to keep both")
+    return None
 
 
 def save_results(args, config, history, status):
@@ -94,3 +110,4 @@ def atomic_write(path, data):
             os.fsync(directory)
         finally:
             os.close(directory)
+

@@ -1,0 +1,106 @@
+"""Everything --fast adds, behind one call: prepare(). Opt-in, and it changes numerics.
+
+At the fix's batch of 64 the eager step is bound by kernel launches, not by arithmetic: bf16
+alone gains nothing, and CUDA graphs (torch.compile's "reduce-overhead") replay a whole step
+in one launch. A graph replays one shape only, so every batch the compiled model sees has
+--batch-size images: the last, partial training batch of an epoch is dropped (16 of 50,000
+images at batch 64, a different 16 each epoch), and the last test batch is padded, its
+padding cut from the output. PIL in DataLoader workers cannot feed such a step, so the data
+set lives on the device and is augmented there in whole batches (augment.py).
+
+The scripts' step is the same: it calls what prepare() returns as its `model`."""
+import importlib.util
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import augment
+from .data import epoch_sampler, mix_seed, normalize_constants
+
+
+def prepare(model, train_data, test_data, args):
+    """(model for the step, training batches, test batches), as --fast runs them."""
+    return (FastModel(model, args), DeviceBatches(train_data, args, train=True),
+            DeviceBatches(test_data, args, train=False))
+
+
+class FastModel(nn.Module):
+    """What the scripts' step calls as `model` with --fast: the model in channels_last, under
+    bf16 autocast, compiled with CUDA graphs where it can be, and past nn.DataParallel (its
+    device checks take ~0.5 ms a step). Its state stays the model's own: the checkpoint
+    holds the bare EfficientNet's keys."""
+
+    def __init__(self, model, args):
+        super().__init__()
+        self.model, self.batch_size, self.device_type = model, args.batch_size, args.device.type
+        model.to(memory_format=torch.channels_last)
+        problem = compile_problem(args.device)
+        if problem:
+            print(f"--fast: {problem}; the rest of --fast applies, without torch.compile",
+                  flush=True)
+        else:  # in place, so that the state dict's keys do not change
+            model.module.compile(mode="reduce-overhead", dynamic=False)
+        self.cuda_graphs = problem is None
+
+    def forward(self, images):
+        real = len(images)
+        if real < self.batch_size:  # the last test batch: in eval mode images do not mix
+            padding = images.new_zeros(self.batch_size - real, *images.shape[1:])
+            images = torch.cat([images, padding]).contiguous(memory_format=torch.channels_last)
+        if self.cuda_graphs:
+            # A step's outputs and gradients live in memory that the next replay overwrites:
+            # nothing may outlive its step, not even a gradient that no optimizer clears (the
+            # bug's BatchNorm parameters). Setting those to None changes no number.
+            torch.compiler.cudagraph_mark_step_begin()
+            if self.training:
+                self.model.zero_grad(set_to_none=True)
+        with torch.autocast(self.device_type, torch.bfloat16):
+            output = self.model.module(images)
+        return output[:real].float()  # the loss in float32, as autocast would compute it
+
+
+def compile_problem(device):
+    """Why torch.compile with CUDA graphs cannot run on `device`, or None."""
+    if device.type != "cuda":
+        return f"torch.compile with CUDA graphs needs CUDA, not {device.type}"
+    if importlib.util.find_spec("triton") is None:  # (Windows) it would fail mid-run
+        return "torch.compile needs Triton, which is not installed"
+    if torch.cuda.get_device_capability(device) < (8, 0):  # a T4, a V100: no native bf16
+        return f"torch.compile needs native bf16, which {torch.cuda.get_device_name(device)} lacks"
+    return None
+
+
+class DeviceBatches:
+    """The data set copied once to the device as uint8, gathered in the default path's order
+    and augmented there in whole batches: no workers, no per-image Python, no host sync. Its
+    draws come from a generator seeded from (seed, epoch): a resume replays the epoch."""
+
+    def __init__(self, view, args, train):
+        self.sampler, self.args = epoch_sampler(view, args, train), args
+        self.set_epoch = self.sampler.set_epoch
+        images = torch.from_numpy(np.asarray(view.images.data))
+        self.images = images.to(args.device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.as_tensor(view.images.targets, dtype=torch.long, device=args.device)
+        # ToTensor's scaling and Normalize in one multiply-add: (x / 255 - mean) / std.
+        scale, mean, std = normalize_constants(view.normalize, args.device)
+        self.gain, self.shift = 1 / (scale * std), -mean / std
+        self.generator = torch.Generator(args.device)
+        print(f"--fast: the {'training' if train else 'test'} set on {args.device} as uint8, "
+              f"{self.images.nbytes / 2**20:,.0f} MiB", flush=True)
+
+    def __len__(self):
+        whole, partial = divmod(len(self.sampler), self.args.batch_size)
+        return whole + (partial > 0 and not self.sampler.shuffle)
+
+    def __iter__(self):
+        order = torch.tensor([index for _, index in self.sampler], device=self.args.device)
+        if self.sampler.shuffle:  # whole batches only: the last few images sit this epoch out
+            order = order[:len(order) - len(order) % self.args.batch_size]
+        self.generator.manual_seed(mix_seed(self.args.seed, self.sampler.epoch, 2))
+        for indices in order.split(self.args.batch_size):
+            images = augment.resize(self.images[indices], self.args.image_size)
+            if self.sampler.shuffle:
+                images = augment.flip_rotate(images, *augment.draw(self.generator, len(indices)))
+            images = images.contiguous(memory_format=torch.channels_last)
+            yield torch.addcmul(self.shift, images, self.gain), self.labels[indices]
