@@ -26,7 +26,7 @@ import bug
 import fixed
 import training
 from training.data import CPUS, DEFAULT_WORKERS, TEST_IMAGES, TRAIN_IMAGES
-from training.loop import Progress, describe, prepare, rate
+from training.loop import Progress, describe, peak_memory_gib, prepare, rate
 
 RECIPES = {"bug": bug, "fixed": fixed}
 ROWS = [("bug", "default"), ("fixed", "default"), ("fixed", "fast"), ("bug", "fast")]
@@ -69,8 +69,8 @@ def measure(recipe, args, warmup, model_steps):
     first.clear()  # not resident while the real batches run
     # End to end: --limit-*-batches = warm-up + timed steps, read as the epoch line reads it.
     e2e, e2e_eval = loop(train_batches).rate(), loop(test_batches, train=False).rate()
-    peak = torch.cuda.max_memory_reserved if args.fast else torch.cuda.max_memory_allocated
-    peak = f"{peak(device) / 2**30:.2f}" + " reserved" * args.fast if device.type == "cuda" else "-"
+    gib = peak_memory_gib(args)
+    peak = "-" if gib is None else f"{gib:.2f}" + " reserved" * args.fast
     return [str(args.image_size), str(args.batch_size), rate(model_rate), rate(e2e),
             f"{e2e / model_rate:.0%}", rate(e2e_eval), peak, f"{warmup_seconds:.1f}",
             f"{TRAIN_IMAGES / e2e + TEST_IMAGES / e2e_eval:,.0f}"]

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
         if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
             raise Refused(f"--plot {args.plot}: name a file ending in .png, .pdf or .svg")
         runs = [load_run(path) for path in args.runs]
+        name_runs(runs)
         print(table(runs))
         if args.plot:
             plot(runs, args.plot)
@@ -51,8 +52,18 @@ def load_run(path) -> dict:
     if problem:
         raise Refused(f"{path}: not a results file: {problem}")
     run["epochs"].sort(key=lambda e: e["epoch"])
-    run["name"] = run["run_name"] + ("*" if run["config"]["dummy"] else "")
+    run["path"] = Path(path)
     return run
+
+
+def name_runs(runs):
+    """Each run's name in the table and the figure: its run name, or where two runs share
+    one, its file's path; "*" marks dummy data."""
+    names = [run["run_name"] for run in runs]
+    for run in runs:
+        shared = names.count(run["run_name"]) > 1
+        name = str(run["path"].with_suffix("")) if shared else run["run_name"]
+        run["name"] = name + ("*" if run["config"]["dummy"] else "")
 
 
 def table(runs) -> str:
@@ -104,8 +115,10 @@ def table(runs) -> str:
 
 
 def plot(runs, path):
-    """Loss (train solid, test dashed) and test accuracy per epoch, one colour per run."""
+    """Loss (train solid, test dashed) and test accuracy per epoch, one colour per run,
+    written to `path`; returns the figure."""
     from matplotlib.figure import Figure  # not pyplot: Agg, no display, no global state
+    from matplotlib.ticker import MaxNLocator
     figure = Figure(figsize=(12, 5), dpi=100, layout="constrained")  # room for the title
     losses, accuracy = figure.subplots(1, 2)
     for i, run in enumerate(runs):
@@ -119,7 +132,7 @@ def plot(runs, path):
     accuracy.set(title="test accuracy per epoch", xlabel="epoch", ylabel="%")
     accuracy.legend(fontsize=8)
     for axes in (losses, accuracy):
-        axes.xaxis.get_major_locator().set_params(integer=True)  # epochs: no 1.5
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 1.5
         axes.grid(alpha=0.3)
     dummy = "\n" + DUMMY_NOTE if any(run["config"]["dummy"] for run in runs) else ""
     figure.suptitle("Training runs: " + " vs ".join(run["name"] for run in runs) + dummy)
@@ -127,6 +140,7 @@ def plot(runs, path):
         figure.savefig(path)
     except OSError as error:  # a missing folder, an existing folder of that name
         raise Refused(f"{path}: cannot write the plot: {error}") from None
+    return figure
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ CONFIG = {**RECIPE, "epochs": int, "total_params": int, "trainable_params": int,
           "updated_params": int, "weights": (str, NONE), "device": str, "torch": str,
           "workers": int}
 # One entry per finished epoch. Losses are mean cross-entropy, accuracies percent, memory
-# the peak on the GPU (None on the CPU), warm-up the compile time of --fast (else None).
+# the peak on the GPU (None on the CPU), warm-up the seconds of the first steps of training
+# and of testing, left out of the images/s (None in files written before it was measured).
 EPOCH = {"epoch": int, "train_loss": NUMBER, "train_acc": NUMBER, "test_loss": NUMBER,
          "test_acc": NUMBER, "epoch_seconds": NUMBER, "train_images_per_second": NUMBER,
          "peak_gpu_memory_gib": (*NUMBER, NONE), "warmup_seconds": (*NUMBER, NONE)}

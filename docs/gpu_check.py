@@ -19,7 +19,7 @@ sys.path.insert(0, ".")
 import fixed  # noqa: E402
 import training  # noqa: E402
 from training import augment  # noqa: E402
-from training.loop import prepare  # noqa: E402
+from training.fast import DeviceBatches  # noqa: E402
 
 out = {}
 images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
@@ -46,8 +46,8 @@ args = training.parse_args(fixed.__file__, fixed.__doc__, epochs=1, batch_size=f
                            lr=fixed.LR, image_size=fixed.IMAGE_SIZE,
                            argv=["--dummy", "--no-pretrained", "--fast", "--workers", "0",
                                  "--output-dir", "/tmp/gpu_check"])
-model, _, _, train_data, test_data = fixed.build(args)
-_, source, _ = prepare(model, train_data, test_data, args)
+train_data, _ = training.cifar100(args)
+source = DeviceBatches(train_data, args, train=True)
 source.set_epoch(1)
 epoch = iter(source)
 first = next(epoch)

@@ -45,7 +45,7 @@ def run_here(script, *argv):
     its own): SimpleNamespace(returncode, stdout, stderr)."""
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
     with (mock.patch.object(sys, "argv", [script, *map(str, argv)]),
-          mock.patch.object(signal, "signal"),
+          mock.patch.object(signal, "signal"), stops_heard_after(),
           contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr)):
         try:
             runpy.run_path(str(REPO / script), run_name="__main__")
@@ -68,8 +68,22 @@ def build(script, *argv):
 
 def train_for_real(built):
     """training.run on what build() returned, with the script's own train() and validate()."""
-    training.run(built.args, built.model, built.criterion, built.optimizer, built.train_data,
-                 built.test_data, train=built.script.train, validate=built.script.validate)
+    with stops_heard_after():
+        training.run(built.args, built.model, built.criterion, built.optimizer,
+                     built.train_data, built.test_data, train=built.script.train,
+                     validate=built.script.validate)
+
+
+@contextlib.contextmanager
+def stops_heard_after():
+    """A run ignores Ctrl-C and SIGTERM once it ends: here they are heard again after it, by
+    pytest and by the processes it starts (which would inherit what it ignores)."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def one_error_line(proc, status):
@@ -94,6 +108,28 @@ def away_from_the_checkout(tmp_path_factory):
 def in_an_empty_folder(tmp_path, monkeypatch):
     """Every test runs in its own empty folder."""
     monkeypatch.chdir(tmp_path)
+
+
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(name, options): a tmpfs at ./name, mounted with `options` (e.g. "ro" or
+    "size=8m"); the test is skipped where mounting is refused."""
+    mounted = []
+
+    def mount(name, options):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}")
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.fixture

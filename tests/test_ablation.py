@@ -80,3 +80,4 @@ def test_help_shows_the_ladder_and_runs_nothing(tmp_path):
     done, commands = ablation(tmp_path, "--help")
     assert done.returncode == 0 and commands == []
     assert "unfreeze-224px" in done.stdout and "--output-dir" in done.stdout
+    assert "quick" not in done.stdout and "1024 px" in done.stdout  # it takes minutes

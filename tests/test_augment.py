@@ -6,6 +6,7 @@ the batch version gives the levels PIL gives, and draws its parameters as torchv
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -43,18 +44,24 @@ def test_train_transforms_give_the_levels_of_the_reports_pil_pipeline(size, n):
     assert_train_transforms_close_to_pil(size, n)
 
 
-@pytest.mark.parametrize("precision", ["high", "medium"])
-def test_fast_matmuls_leave_the_rotation_exact(precision):
-    """Matmuls in TF32 (on a GPU, "high", what torch.compile's warning invites), or in bf16
-    (on a CPU with bf16 units, "medium"), would move samples across pixel edges."""
-    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cuda.matmul.allow_tf32 = True
+def test_tf32_matmuls_leave_the_rotation_exact(monkeypatch):
+    """TF32 (on a GPU with "high", which torch.compile's warning invites) keeps 10 bits of a
+    float32 mantissa: a float32 sampling grid would move samples across pixel edges. A CPU
+    has no TF32, so float32 grids are rounded to it here, as such a GPU would round them."""
+    affine_grid, before = F.affine_grid, torch.get_float32_matmul_precision()
+
+    def in_tf32(theta, size, align_corners):
+        grid = affine_grid(theta, size, align_corners=align_corners)
+        if grid.dtype != torch.float32:  # TF32 rounds float32 matmuls only
+            return grid
+        return ((grid.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    monkeypatch.setattr(F, "affine_grid", in_tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    torch.set_float32_matmul_precision("high")
     try:
         assert_train_transforms_close_to_pil(224, 24)
     finally:
-        torch.set_float32_matmul_precision(before[0])
-        torch.backends.cuda.matmul.allow_tf32 = before[1]
+        torch.set_float32_matmul_precision(before)
 
 
 def assert_train_transforms_close_to_pil(size, n):

@@ -100,6 +100,25 @@ def test_a_run_with_no_finished_epoch_yet_is_shown_not_refused(runs, tmp_path, c
     assert figure.read_bytes().startswith(b"\x89PNG")
 
 
+def test_one_epoch_and_two_runs_of_one_name(tmp_path, capsys):
+    """Whole epochs on the x axis, even for one; runs of one name told apart by their path."""
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        paths.append(write_run(tmp_path / folder, "fixed", DUMMY_EPOCHS, total=1))
+    assert compare.main([*map(str, paths), "--plot", str(tmp_path / "x.png")]) == 0
+    names = [str(path.with_suffix("")) for path in paths]
+    assert list(table_rows(capsys.readouterr().out)) == names
+    runs = [compare.load_run(path) for path in paths]
+    compare.name_runs(runs)
+    figure = compare.plot(runs, tmp_path / "x.png")
+    for axes in figure.axes:
+        low, high = axes.get_xlim()
+        ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+        assert ticks == [1.0], ticks
+    assert [text.get_text() for text in figure.axes[1].get_legend().get_texts()] == names
+
+
 @pytest.mark.parametrize("target", ["nowhere/x.png", "no-suffix", "folder.png"])
 def test_a_plot_it_cannot_write_is_one_line(runs, tmp_path, capsys, target):
     """A missing folder, a name without a format, an existing folder: one line, exit 2, and

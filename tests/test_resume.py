@@ -2,6 +2,7 @@
 starts its runs two at a time in the background; refusals run __main__ in this process."""
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -16,7 +17,17 @@ import torch
 
 import schema
 import training
-from conftest import ENV, REPO, SMALL, TINY, build, one_error_line, run_here, run_script
+from conftest import (
+    ENV,
+    REPO,
+    SMALL,
+    TINY,
+    build,
+    one_error_line,
+    run_here,
+    run_script,
+    train_for_real,
+)
 
 FIXED, EPOCHS = [sys.executable, str(REPO / "fixed.py")], ["--epochs", "3"]
 TIMING = {"epoch_seconds", "train_images_per_second", "warmup_seconds"}
@@ -41,10 +52,11 @@ ELSEWHERE = dict(epochs=99, total_params=1, trainable_params=1, updated_params=1
                  weights="elsewhere/b0.pth", device="NVIDIA H200", torch="2.0.0")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_to_the_process_group_stops_cleanly_and_the_printed_command_resumes(
-        stopped, signum):
-    """SIGINT/SIGTERM to a group with workers: 130/143, no worker left; the command resumes."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGINT to the group", "SIGTERM to every process"])
+def test_a_stop_with_workers_is_one_line_and_the_printed_command_resumes(stopped, signum):
+    """SIGINT to the process group (Ctrl-C), SIGTERM to each process (pkill -f) of a run with
+    workers: exit 130 or 143, its stop line alone, no worker left; the command resumes."""
     run = getattr(stopped, signum.name)
     assert run.returncode == 128 + signum and "Traceback" not in run.log and run.command, run.log
     document, state = run.left
@@ -55,8 +67,14 @@ def test_a_signal_to_the_process_group_stops_cleanly_and_the_printed_command_res
     after = (stopped.SIGTERM.left if signum == signal.SIGINT else complete_files(stopped.out))[1]
     assert after["history"][:state["epoch"]] == state["history"], "restarted, not resumed"
     assert len(after["history"]) > state["epoch"], "the printed command trained no epoch"
-    ok(stopped.resumed)
-    assert complete_files(stopped.out)[0]["status"] == "finished"
+
+
+def test_a_stop_as_a_finished_run_ends_is_quiet(stopped):
+    """SIGINT just after a run with workers saved "finished", while its workers end: no
+    traceback, exit 0, the run's files complete."""
+    run = stopped.after_done
+    assert run.returncode == 0 and "Traceback" not in run.log and "done:" in run.log, run.log
+    assert run.left[0]["status"] == "finished" and run.survivors == []
 
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
@@ -138,7 +156,9 @@ def test_resume_with_nothing_to_do_rebuilds_the_results_from_a_checkpoint_made_e
     torch.save(state, out / "fixed.pth")
     (out / ".fixed.pth.tmp").write_bytes(b"\0" * 1000)  # what a killed write leaves
     checkpoint_bytes = (out / "fixed.pth").read_bytes()
-    ok(run_here("fixed.py", *tiny(out, "--resume", "--epochs", "2")))
+    resumed = run_here("fixed.py", *tiny(out, "--resume", "--epochs", "2"))
+    ok(resumed)
+    assert f"{out}/fixed.pth already holds 3 epoch(s): nothing to train" in resumed.stdout
     document, _ = complete_files(out)
     assert (document["status"], document["config"]["epochs"], document["epochs"]) == (
         "finished", 3, state["history"])
@@ -173,22 +193,37 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
     if isinstance(runs["full-disk"], str):  # a checkpoint (~50 MB) fits beside the epoch-0
         pytest.skip(runs["full-disk"])  # one (16 MB), not beside another
     full = runs["full-disk"].result()
-    assert " is full " in one_error_line(full.proc, 1)
+    line = one_error_line(full.proc, 1)
+    assert " is full " in line and line.endswith("and --resume continues it"), line
     document, state = full.left
     assert full.temps == [] and 1 <= state["epoch"] < 3
     assert document is None or document["status"] == "failed"
     assert_same_run(full.out, runs["reference"].result().out)
 
 
-def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path):
-    """Out of GPU memory in training: a one-line RunError naming --batch-size, "failed"."""
+def test_a_full_disk_that_saved_nothing_says_so(mount):
+    """No room for the first checkpoint: one line, and no --resume advice, for nothing of the
+    run is on disk to resume."""
+    out = mount("disk", "size=8m") / "out"
+    line = one_error_line(run_here("fixed.py", *tiny(out)), 1)
+    assert f"{out} is full (no space left for fixed.pth)" in line and "--resume" not in line
+    assert sorted(path.name for path in out.iterdir()) == [".fixed.lock"]
+
+
+@pytest.mark.parametrize("where", ["GPU", "CPU"])
+def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, where):
+    """Out of GPU memory, or out of memory on the CPU: a one-line RunError naming
+    --batch-size, and the status "failed"."""
     built = build("fixed.py", *tiny(tmp_path / "out"))
 
-    def train(*_):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    with pytest.raises(training.RunError, match="out of GPU memory") as error:
-        training.run(built.args, built.model, built.criterion, built.optimizer,
-                     built.train_data, built.test_data, train=train, validate=None)
+    def out_of_memory(module, inputs):
+        if where == "GPU":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: the allocator refuses at once
+    built.model.module.register_forward_pre_hook(out_of_memory)
+    words = "out of GPU memory" if where == "GPU" else "out of memory in epoch 1 (cpu)"
+    with pytest.raises(training.RunError, match=re.escape(words)) as error:
+        train_for_real(built)
     assert "--batch-size" in str(error.value) and "\n" not in str(error.value), error.value
     assert json.loads(built.args.results_path.read_text())["status"] == "failed"
 
@@ -217,8 +252,9 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
-    """A run (--workers 2) to an epoch, second writers refused meanwhile, SIGINT; its printed
-    command to an epoch more, SIGTERM; that one's, to one epoch more than its checkpoint."""
+    """A run (--workers 2) to an epoch, second writers refused meanwhile, SIGINT to its group;
+    its printed command to an epoch more, SIGTERM to each process; that one's, to one epoch
+    more than its checkpoint, SIGINT as it saves "finished"."""
     out = tmp_path_factory.mktemp("signals") / "out"
     argv = tiny(out, *LONG)
 
@@ -227,25 +263,29 @@ def stopped(tmp_path_factory):
         return {flag: run_here("fixed.py", *argv, flag) for flag in ("--overwrite", "--resume")}
     sigint = interrupt(out, [*FIXED, *argv], refuse_second_writers, signal.SIGINT)
     sigterm = interrupt(out, sigint.command, lambda proc: wait_for_epochs(
-        out, proc, sigint.left[1]["epoch"] + 1), signal.SIGTERM)
+        out, proc, sigint.left[1]["epoch"] + 1), signal.SIGTERM, to="every process")
     command = sigterm.command
     command[command.index("--epochs") + 1] = str(sigterm.left[1]["epoch"] + 1)
-    resumed = subprocess.run(command, cwd=out.parent, env=ENV, capture_output=True, text=True,
-                             timeout=300)
-    return SimpleNamespace(SIGINT=sigint, SIGTERM=sigterm, resumed=resumed, out=out)
+    after_done = interrupt(out, command, lambda proc: wait_for_epochs(out, proc, "finished"),
+                           signal.SIGINT, to="the main process")
+    return SimpleNamespace(SIGINT=sigint, SIGTERM=sigterm, after_done=after_done, out=out)
 
 
-def interrupt(out, command, until, signum=signal.SIGKILL):
-    """`command` in its own session until(proc), then `signum` to its group: how it ended, what
-    it left (checked complete), its loader processes, the command printed to resume."""
-    with open(out.parent / f"{out.name}.{signum.name}.log", "w+") as log:
+def interrupt(out, command, until, signum=signal.SIGKILL, to="the group"):
+    """`command` in its own session until(proc), then `signum` to its process group, to every
+    process or to the main one: how it ended, what it left (checked complete), its loader
+    processes, the command it printed to resume."""
+    with open(out.parent / f"{out.name}.{signum.name}.{to}.log", "w+") as log:
         proc = subprocess.Popen(command, cwd=out.parent, env=ENV, stdout=log, stderr=log,
                                 start_new_session=True)
         try:
             second = until(proc)
             alive, workers = proc.poll() is None, descendants(proc.pid)
-            if alive:
+            if alive and to == "the group":
                 os.killpg(proc.pid, signum)
+            elif alive:
+                for pid in [proc.pid] + workers * (to == "every process"):
+                    os.kill(pid, signum)
             proc.wait(timeout=10)  # else TimeoutExpired: the run did not stop within 10 s
             deadline = time.monotonic() + 10
             while any(map(running, workers)) and time.monotonic() < deadline:
@@ -256,7 +296,6 @@ def interrupt(out, command, until, signum=signal.SIGKILL):
                 proc.wait()
         log.seek(0)
         text = log.read()[-3000:]
-    assert signum == signal.SIGKILL or "Resume with:" in text, f"no command printed: {text}"
     printed = text.partition("Resume with:")[2].strip().split("\n")[0]  # python fixed.py ...
     command = printed and [sys.executable, *shlex.split(printed)[1:]]
     return SimpleNamespace(returncode=proc.returncode, log=text, left=complete_files(out),
@@ -366,12 +405,18 @@ def temps(out):
     return sorted(path.name for path in out.glob(".*.tmp"))
 
 
-def wait_for_epochs(out, proc, epochs, timeout=180):  # until the JSON holds `epochs` epochs
+def wait_for_epochs(out, proc, epochs, timeout=180):
+    """Until the JSON holds `epochs` epochs, or says "finished"."""
     deadline, results = time.monotonic() + timeout, out / "fixed.json"
-    while not results.exists() or len(json.loads(results.read_text())["epochs"]) < epochs:
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before epoch {epochs}"
+    while not results.exists() or not held(json.loads(results.read_text()), epochs):
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {epochs}"
         assert time.monotonic() < deadline, f"no epoch {epochs} in {timeout} s"
         time.sleep(0.02)
+
+
+def held(document, epochs):
+    return (document["status"] == "finished" if epochs == "finished"
+            else len(document["epochs"]) >= epochs)
 
 
 def descendants(pid):

@@ -5,6 +5,7 @@ import difflib
 import importlib
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -34,6 +35,7 @@ from conftest import (
     run_here,
     run_script,
 )
+from training.cli import SMOKE_RUN
 from training.data import LoaderBatches
 
 SCRIPTS = ["bug.py", "fixed.py"]
@@ -178,9 +180,9 @@ REFUSED = [  # argv (after --device cpu --output-dir out), what the one error li
     ("--workers 100000", "--workers 100000: must be at most 64"),
     *((f"--seed {s}", f"--seed {s}: must be below 2**63") for s in (2**63, 10**400)),
     *((f"--device {d}", f"--device {d}: use cuda, cuda:N or cpu") for d in ("tpu", "cuda:01")),
-    ("--device cuda", "CUDA is not available", "--device cpu", "--no-pretrained"),
+    ("--device cuda", "CUDA is not available", f"python fixed.py {SMOKE_RUN}"),
     *((f"--run-name {shlex.quote(name)}", f"--run-name {name!r}: must be a plain file name")
-      for name in ("a/b", ".hidden", "")),
+      for name in ("a/b", ".hidden", "", "a\nb")),
     ("--run-name " + "x" * 300, "--run-name: too long for a file name"),
     ("--output-dir a_file/out", "--output-dir a_file/out: a_file is a file"),
     ("--output-dir /proc/out", "--output-dir /proc/out: cannot be created in /proc"),
@@ -206,6 +208,74 @@ def test_a_bad_command_line_is_refused_before_anything_loads(capsys, case):
     line = one_error_line(proc, 2)
     assert line.startswith("fixed.py: error: ") and all(w in line for w in words), line
     assert tree() == files
+
+
+@pytest.fixture(scope="module")
+def where_module_fixtures_start():
+    return Path.cwd()
+
+
+def test_no_fixture_starts_in_the_checkout(where_module_fixtures_start):
+    """The README's smoke run leaves results/ in the checkout; a module's fixture that built a
+    run there met "holds an earlier run", and failed the suite."""
+    assert REPO not in [where_module_fixtures_start, *where_module_fixtures_start.parents]
+
+
+# A process of root's, but held to permission bits as any user is.
+AS_A_USER = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+             "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+@pytest.mark.skipif(AS_A_USER and not shutil.which("setpriv"), reason="root, and no setpriv")
+def test_folders_this_user_cannot_use_are_one_line(tmp_path):
+    """Behind a folder it cannot search, or in one it cannot write: exit 2, one line each."""
+    Path("locked/inner").mkdir(parents=True)
+    Path("read-only").mkdir()
+    cases = {"--output-dir locked/inner/out": "cannot be reached (permission denied",
+             "--data-dir locked/inner/data": "cannot be reached (permission denied",
+             "--output-dir read-only": "cannot be written (permission denied)"}
+    Path("locked").chmod(0)
+    Path("read-only").chmod(0o555)
+    try:
+        with ThreadPoolExecutor(2) as pool:  # CI's 2 cores
+            procs = list(pool.map(lambda argv: subprocess.run(
+                [*AS_A_USER, sys.executable, REPO / "fixed.py", "--device", "cpu",
+                 *argv.split()], env=ENV, capture_output=True, text=True, timeout=120), cases))
+    finally:
+        Path("locked").chmod(0o755)
+    for proc, (argv, words) in zip(procs, cases.items()):
+        assert one_error_line(proc, 2).startswith(f"fixed.py: error: {argv}: {words}")
+
+
+def test_a_read_only_file_system_is_named_so(mount, capsys):
+    read_only = mount("ro", "ro,size=1m")
+    for folder, words in ((read_only, "cannot be written (a read-only file system)"),
+                          (read_only / "out", "cannot be created in")):
+        with pytest.raises(SystemExit) as exit_:
+            build("fixed.py", *TINY, "--output-dir", folder)
+        proc = SimpleNamespace(returncode=exit_.value.code, stderr=capsys.readouterr().err)
+        assert words in one_error_line(proc, 2) and "read-only" in proc.stderr
+
+
+def test_dummy_data_needs_no_data_dir():
+    Path("a_file").write_text("x")
+    built = build("fixed.py", *TINY, "--data-dir", "a_file/data")
+    assert len(built.train_data) == 50_000
+
+
+def test_the_readmes_smoke_runs_are_the_no_gpu_hint_and_each_takes_under_a_minute():
+    """The README's no-GPU commands, as printed: both scripts, then compare.py on their
+    results; the hint printed where CUDA is missing is one of them."""
+    readme = (REPO / "README.md").read_text().split("No GPU?", 1)[1]
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines()]
+    assert shlex.split(f"python fixed.py {SMOKE_RUN}") in commands
+    assert [command[:2] for command in commands] == [
+        ["python", "bug.py"], ["python", "fixed.py"], ["python", "compare.py"]]
+    with ThreadPoolExecutor(2) as pool:  # CI's 2 cores
+        runs = pool.map(lambda argv: run_script(argv[1], *argv[2:], timeout=60), commands[:2])
+        assert [run.returncode for run in runs] == [0, 0]
+    assert run_script(*commands[2][1:], timeout=60).returncode == 0
 
 
 def test_real_processes_refuse_or_fail_in_one_line_and_import_silently(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import DEFAULT_WORKERS, TRAIN_IMAGES
-from .errors import RunError, Terminated
+from .errors import RunError, Terminated, ignore_stops
 from .model import weights_problem
 from .rundir import files_problem
 
@@ -23,6 +23,9 @@ MIN_IMAGE_SIZE, MIN_SINGLE_IMAGE_SIZE = 32, 64
 MAX_IMAGE_SIZE = 2048  # twice the bug's: beyond it a step outgrows any GPU
 MAX_WORKERS = 64
 NAME_MAX = 255  # bytes in one file name, on the common file systems
+# The README's smoke run: synthetic data, random weights, 32 px, one batch of each kind.
+SMOKE_RUN = ("--dummy --no-pretrained --device cpu --epochs 1 --image-size 32 "
+             "--limit-train-batches 1 --limit-eval-batches 1 --output-dir results/smoke")
 
 
 @contextmanager
@@ -40,16 +43,22 @@ def command_line(script_file, description, **recipe):
             raise RunError(f"--weights {args.weights}: {problem}", status=2)
         yield args
         return
-    except RunError as error:
-        message, status = f"{args.prog}: error: {error}", error.status
-    except KeyboardInterrupt as stop:
-        name, status = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
-        message = f"\n{name}: {stop.args[0] if stop.args else 'stopped'}"
-    except Exception as error:
-        traceback.print_exc()
-        message, status = f"{args.prog}: error: unexpected {type(error).__name__}, above", 1
+    except (RunError, KeyboardInterrupt, Exception) as error:
+        ignore_stops()  # the outcome is known: a second stop must not break the clean-up
+        message, status = last_words(error, args.prog)
     print(message, file=sys.stderr)
     sys.exit(status)
+
+
+def last_words(error, prog):
+    """The line, and the exit status, that `error` ends the process with."""
+    if isinstance(error, RunError):
+        return f"{prog}: error: {error}", error.status
+    if isinstance(error, KeyboardInterrupt):
+        name, status = ("SIGTERM", 143) if isinstance(error, Terminated) else ("SIGINT", 130)
+        return f"\n{name}: {error.args[0] if error.args else 'stopped'}", status
+    traceback.print_exc()
+    return f"{prog}: error: unexpected {type(error).__name__}, above", 1
 
 
 def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, argv=None):
@@ -87,8 +96,11 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
                "(default: the CPUs available less one, at most 16: %(default)s here)")
     group("--fast", action="store_true",
           help="opt-in speed mode that changes numerics: bf16 autocast, channels_last, "
-               "torch.compile with CUDA graphs, fused Adam, the data set augmented on the "
-               "device. For bug.py it also changes the memory symptom (bf16 activations)")
+               "torch.compile with CUDA graphs, the data set augmented on the device. Each "
+               "epoch leaves out its last partial training batch (16 of 50,000 images at "
+               "batch 64, other ones each epoch); the last test batch is padded, and only "
+               "its real images counted. For bug.py it also changes the memory symptom "
+               "(bf16 activations)")
     group("--limit-train-batches", type=number(int), metavar="N",
           help="train on only N batches per epoch (a symptom check in minutes)")
     group("--limit-eval-batches", type=number(int), metavar="N",
@@ -135,8 +147,8 @@ def refusal(args):
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            return ("CUDA is not available on this machine: run with --device cpu (slow; add "
-                    "--dummy --no-pretrained --limit-train-batches N for a quick check)")
+            return ("CUDA is not available on this machine: add --device cpu (slow). A smoke "
+                    f"run in under a minute: python {args.prog} {SMOKE_RUN}")
         device = torch.device("cuda", device.index or 0)
         if device.index >= torch.cuda.device_count():
             return (f"--device {args.device}: this machine has {torch.cuda.device_count()} "
@@ -144,12 +156,15 @@ def refusal(args):
     args.device = device
     if args.weights and args.no_pretrained:
         return "--weights and --no-pretrained contradict each other"
-    if not args.run_name or os.sep in args.run_name or args.run_name.startswith("."):
-        return f"--run-name {args.run_name!r}: must be a plain file name"
-    if len(f".{args.run_name}.json.tmp".encode()) > NAME_MAX:
+    name = args.run_name
+    if not name.isprintable() or not name or os.sep in name or name.startswith("."):
+        return f"--run-name {name!r}: must be a plain file name"
+    if len(f".{name}.json.tmp".encode()) > NAME_MAX:
         return f"--run-name: too long for a file name (at most {NAME_MAX - 10} bytes)"
-    for flag, folder, access in (("--data-dir", args.data_dir, os.R_OK),
-                                 ("--output-dir", args.output_dir, os.W_OK)):
+    folders = [("--output-dir", args.output_dir, os.W_OK)]
+    if not args.dummy:  # --dummy reads no data set
+        folders.append(("--data-dir", args.data_dir, os.R_OK))
+    for flag, folder, access in folders:
         problem = folder_problem(folder, access)
         if problem:
             return f"{flag} {folder}: {problem}"
@@ -161,17 +176,25 @@ def refusal(args):
 def folder_problem(folder, access):
     """Why this process cannot use `folder` (read it, or write it: `access`), or create it."""
     existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except PermissionError:  # (a folder on the way that this user cannot search)
+        return "cannot be reached (permission denied on a folder above it)"
     if not existing.is_dir():
         return f"{existing} is a file, not a directory"
-    if existing == folder and not os.access(folder, access | os.X_OK):
-        return f"cannot be {'read' if access == os.R_OK else 'written'} (permission denied)"
-    if existing != folder and not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot be created in {existing} (permission denied)"
-    system = existing != folder and hasattr(os, "statvfs") and os.statvfs(existing)  # POSIX
-    if system and (system.f_flag & os.ST_RDONLY or system.f_blocks == 0):  # /proc, /sys
+    system = os.statvfs(existing) if hasattr(os, "statvfs") else None  # POSIX
+    read_only = system and system.f_flag & os.ST_RDONLY
+    if existing == folder:
+        if access == os.W_OK and read_only:
+            return "cannot be written (a read-only file system)"
+        if not os.access(folder, access | os.X_OK):
+            return f"cannot be {'read' if access == os.R_OK else 'written'} (permission denied)"
+        return None
+    if read_only or system and system.f_blocks == 0:  # /proc, /sys
         return f"cannot be created in {existing} (a read-only or special file system)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be created in {existing} (permission denied)"
     return None
 
 

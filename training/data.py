@@ -3,6 +3,7 @@ of an epoch from DataLoader workers (--fast has its own, in fast.py). An epoch i
 of (seed, epoch) alone: not of --workers, and a resume replays it."""
 import os
 import shutil
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -82,10 +83,13 @@ class LoaderBatches:
 def quiet_worker(worker_id):
     # Ctrl-C, or a job manager's SIGTERM, goes to the whole process group: workers must not
     # die first under the main process, printing tracebacks. In their own group they only
-    # hear it, and end with it. Nor may they print one when a stop cuts a batch's hand-over
-    # short: their errors reach the main process anyway, through DataLoader.
+    # hear it, and end with it. A SIGTERM sent to every process (pkill, killall) ends them as
+    # Ctrl-C does, quietly: killed by it, they would fail the main process. Nor may they
+    # print a traceback when a stop cuts a batch's hand-over short: their errors reach the
+    # main process anyway, through DataLoader.
     if hasattr(os, "setpgrp"):  # POSIX
         os.setpgrp()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.stderr = open(os.devnull, "w")
 
 

@@ -1,6 +1,7 @@
 """The two ways a run ends early on purpose: a failure the user can act on (RunError), and a
 stop signal (Terminated, for SIGTERM; Ctrl-C is Python's own KeyboardInterrupt). Both end in
 one line, printed by the one handler, training.cli.command_line."""
+import signal
 
 
 class RunError(Exception):
@@ -14,3 +15,15 @@ class RunError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `kill`): it stops a run exactly as Ctrl-C does."""
+
+
+class DiskFull(RunError):
+    """A write that found no space left: nothing half-written stays behind."""
+
+
+def ignore_stops():
+    """Ignore Ctrl-C and SIGTERM from now on. Called once a run's outcome is saved or known:
+    a stop could then only break the clean-up, where DataLoader's workers end (a __del__),
+    with a traceback."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)

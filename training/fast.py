@@ -46,6 +46,7 @@ class FastModel(nn.Module):
     def forward(self, images):
         real = len(images)
         if real < self.batch_size:  # the last test batch: in eval mode images do not mix
+            assert not self.training, "a partial training batch would train BatchNorm on zeros"
             padding = images.new_zeros(self.batch_size - real, *images.shape[1:])
             images = torch.cat([images, padding]).contiguous(memory_format=torch.channels_last)
         if self.cuda_graphs:
@@ -90,13 +91,14 @@ class DeviceBatches:
               f"{self.images.nbytes / 2**20:,.0f} MiB", flush=True)
 
     def __len__(self):
+        """Batches an epoch: in training whole ones only (the last few images of the epoch's
+        order sit it out), in testing all of them."""
         whole, partial = divmod(len(self.sampler), self.args.batch_size)
         return whole + (partial > 0 and not self.sampler.shuffle)
 
     def __iter__(self):
         order = torch.tensor([index for _, index in self.sampler], device=self.args.device)
-        if self.sampler.shuffle:  # whole batches only: the last few images sit this epoch out
-            order = order[:len(order) - len(order) % self.args.batch_size]
+        order = order[:len(self) * self.args.batch_size]  # training: whole batches only
         self.generator.manual_seed(mix_seed(self.args.seed, self.sampler.epoch, 2))
         for indices in order.split(self.args.batch_size):
             images = augment.resize(self.images[indices], self.args.image_size)
@@ -104,3 +106,9 @@ class DeviceBatches:
                 images = augment.flip_rotate(images, *augment.draw(self.generator, len(indices)))
             images = images.contiguous(memory_format=torch.channels_last)
             yield torch.addcmul(self.shift, images, self.gain), self.labels[indices]
+
+
+def peak_memory(device):
+    """Reserved, not allocated: a replayed CUDA graph's tensors live in a pool that the
+    allocator holds but does not count as allocated."""
+    return torch.cuda.max_memory_reserved(device)

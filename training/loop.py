@@ -13,7 +13,7 @@ import schema
 
 from . import fast, rundir
 from .data import LoaderBatches, mix_seed
-from .errors import RunError
+from .errors import DiskFull, RunError, ignore_stops
 from .model import WEIGHTS_URL, count_params
 
 # A loop's first steps are its warm-up: cuDNN tries algorithms for each new shape, and with
@@ -46,11 +46,14 @@ def run(args, model, criterion, optimizer, train_data, test_data, *, train, vali
             optimizer.load_state_dict(state["optimizer"])
             history = state["history"]
             config["epochs"] = max(args.epochs, len(history))  # what it holds, if more
+            if len(history) >= args.epochs:
+                print(f"{args.checkpoint_path} already holds {len(history)} epoch(s): nothing "
+                      "to train (raise --epochs to extend it)", flush=True)
         else:  # the old JSON first: it must never sit beside the new run's checkpoint
             args.results_path.unlink(missing_ok=True)
             rundir.save_checkpoint(args, model, optimizer, config, history)
-        rundir.save_results(args, config, history, "running")
         try:
+            rundir.save_results(args, config, history, "running")
             network, train_batches, test_batches = prepare(model, train_data, test_data, args)
             for epoch in range(len(history) + 1, args.epochs + 1):
                 entry = one_epoch(epoch, network, criterion, optimizer, train_batches,
@@ -59,26 +62,39 @@ def run(args, model, criterion, optimizer, train_data, test_data, *, train, vali
                 history.append(entry)
                 rundir.save_results(args, config, history, "running")
                 print(epoch_line(entry, args), flush=True)
+            ignore_stops()  # every epoch is saved: a stop now could only break the clean-up
+            rundir.save_results(args, config, history, "finished")
         except (KeyboardInterrupt, Exception) as error:
-            stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (Terminated)
-            with suppress(RunError):  # the full disk that failed the run may refuse this too
-                rundir.save_results(args, config, history, "interrupted" if stopped else "failed")
-            kept = f"{args.results_path} keeps {len(history)} finished epoch(s)"
-            if stopped:  # the same command resumes it, without --overwrite
-                argv = [a for a in sys.argv if a != "--overwrite"]
-                argv += [] if "--resume" in argv else ["--resume"]
-                raise type(error)(f"stopped in epoch {len(history) + 1}; {kept}. Resume with:\n"
-                                  f"  python {shlex.join(argv)}") from None
-            if torch.OutOfMemoryError in (type(error), type(error.__cause__)):
-                raise RunError(f"out of GPU memory in epoch {len(history) + 1} "
-                               f"({config['device']}); {kept}. A smaller --batch-size or "
-                               "--image-size needs less, as a new run (--overwrite, or another "
-                               "--run-name): bug.py's recipe takes about 11 GB") from None
-            if isinstance(error, RunError):
-                raise RunError(f"{error}; {kept}") from None
-            raise
-        rundir.save_results(args, config, history, "finished")
-    print(f"done: {args.results_path} and {args.checkpoint_path}")
+            replacement = ending(error, args, config, history)
+            if replacement is None:  # unexpected: its own traceback says what happened
+                raise
+            raise replacement from None
+    print(f"done: {args.results_path} and {args.checkpoint_path}", flush=True)
+
+
+def ending(error, args, config, history):
+    """Once the run's status is saved, what to raise instead of `error`: one line that says
+    what the run keeps and how to go on, or None for an unexpected error."""
+    stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (Terminated)
+    with suppress(RunError):  # the full disk that failed the run may refuse this too
+        rundir.save_results(args, config, history, "interrupted" if stopped else "failed")
+    epoch, kept = len(history) + 1, f"{args.results_path} keeps {len(history)} finished epoch(s)"
+    if stopped:  # the same command resumes it, without --overwrite
+        argv = [a for a in sys.argv if a != "--overwrite"]
+        argv += [] if "--resume" in argv else ["--resume"]
+        return type(error)(f"stopped in epoch {epoch}; {kept}. Resume with:\n"
+                           f"  python {shlex.join(argv)}")
+    gpu = torch.OutOfMemoryError in (type(error), type(error.__cause__))
+    if gpu or "DefaultCPUAllocator: can't allocate memory" in str(error):
+        return RunError(f"out of {'GPU ' if gpu else ''}memory in epoch {epoch} "
+                        f"({config['device']}); {kept}. A smaller --batch-size or --image-size "
+                        "needs less, as a new run (--overwrite, or another --run-name): "
+                        "bug.py's recipe takes about 11 GB")
+    if isinstance(error, DiskFull):
+        return RunError(f"{error}; {kept}, and --resume continues it")
+    if isinstance(error, RunError):
+        return RunError(f"{error}; {kept}")
+    return None
 
 
 def prepare(model, train_data, test_data, args):
@@ -96,8 +112,7 @@ def one_epoch(epoch, model, criterion, optimizer, train_batches, test_batches, t
     """An epoch of the script's train() and validate(): its entry in the results."""
     # Dropout and drop-connect draw from (seed, epoch), as the data do: a resume replays.
     torch.manual_seed(mix_seed(args.seed, epoch, 1))
-    cuda = args.device.type == "cuda"
-    if cuda:
+    if args.device.type == "cuda":
         torch.cuda.empty_cache()  # (what an earlier epoch left cached is not this one's peak)
         torch.cuda.reset_peak_memory_stats(args.device)
     start = time.perf_counter()
@@ -105,14 +120,11 @@ def one_epoch(epoch, model, criterion, optimizer, train_batches, test_batches, t
     train(model, trained, criterion, optimizer)
     tested = Progress(f"epoch {epoch} test", test_batches, epoch, args)
     validate(model, tested, criterion)
-    # Peak memory: allocated, as the report's figure counts. With --fast, reserved: a
-    # replayed CUDA graph's tensors live in a pool the allocator holds but does not count.
-    peak = torch.cuda.max_memory_reserved if args.fast else torch.cuda.max_memory_allocated
     return schema.record(
         schema.EPOCH, epoch=epoch, train_loss=trained.loss(), train_acc=trained.accuracy(),
         test_loss=tested.loss(), test_acc=tested.accuracy(),
         epoch_seconds=time.perf_counter() - start, train_images_per_second=trained.rate(),
-        peak_gpu_memory_gib=peak(args.device) / 2**30 if cuda else None,
+        peak_gpu_memory_gib=peak_memory_gib(args),
         warmup_seconds=trained.warmup_seconds() + tested.warmup_seconds())
 
 
@@ -177,6 +189,15 @@ class Progress:
 
     def warmup_seconds(self):
         return self.seconds if self.warm is None else self.warm[0]
+
+
+def peak_memory_gib(args):
+    """The GPU memory's peak since the last reset: allocated, as the report's figure counts
+    it, or what --fast counts (fast.py); None on the CPU."""
+    if args.device.type != "cuda":
+        return None
+    peak = fast.peak_memory if args.fast else torch.cuda.max_memory_allocated
+    return peak(args.device) / 2**30
 
 
 def describe(device):

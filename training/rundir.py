@@ -13,7 +13,7 @@ from filelock import FileLock, Timeout
 
 import schema
 
-from .errors import RunError
+from .errors import DiskFull, RunError
 
 
 @contextmanager
@@ -98,8 +98,8 @@ def atomic_write(path, data):
         os.replace(temp, path)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunError(f"{path.parent} is full (no space left for {path.name}): free "
-                           "some space, then continue with --resume") from None
+            raise DiskFull(f"{path.parent} is full (no space left for {path.name}): free "
+                           "some space") from None
         raise RunError(f"cannot write {path}: {error.strerror}") from None
     finally:  # a full disk, a signal: no partial file left behind (none after the rename)
         with suppress(OSError):  # a file system gone read-only: the write's error matters
