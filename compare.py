@@ -1,6 +1,6 @@
-"""Compare training runs from their results files (results/NAME.json, written by bug.py and
-fixed.py after every epoch; a run in progress, interrupted, on the CPU or on --dummy data is
-fine): a table of recipe, accuracy, loss, speed and memory, and --plot for loss and accuracy."""
+"""Compare runs from their results files (results/NAME.json, written every epoch; a run
+in progress, stopped, on the CPU or on --dummy data is fine): a table of recipe, accuracy,
+loss, speed and memory; --plot draws loss and accuracy."""
 import argparse
 import json
 import statistics
@@ -9,20 +9,20 @@ from pathlib import Path
 
 import schema
 
-DUMMY_NOTE = "* dummy run: synthetic data, accuracy only says whether the model can learn at all"
-HEADERS = ["run", "recipe (trainable/total params)", "epochs", "final acc %", "best acc %",
-           "test loss", "train loss", "s/epoch", "img/s", "peak GiB"]
+DUMMY_NOTE = "* dummy run: synthetic data; accuracy only says whether the model learns"
+HEADERS = ["run", "recipe (trainable/total params)", "epochs", "final acc %",
+           "best acc %", "test loss", "train loss", "s/epoch", "img/s", "peak GiB"]
 
 
 class Refused(Exception):
-    """What compare.py cannot use (a results file, a --plot path), in one line naming it."""
+    """What compare.py cannot use (a results file, a --plot path): one line naming it."""
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="compare.py", description=__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN.json", help="results files")
     parser.add_argument("--plot", metavar="PATH.png",
-                        help="write a figure of the runs to this file (.png, .pdf or .svg)")
+                        help="write a figure of the runs to this file (.png, .pdf, .svg)")
     args = parser.parse_args(argv)
     try:
         if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
 
 def load_run(path) -> dict:
-    """One results file, validated (schema.py), epochs in order, named ("*": dummy data)."""
+    """One results file, validated (schema.py), its epochs in order."""
     try:
         run = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:  # missing, unreadable, not JSON
@@ -57,8 +57,7 @@ def load_run(path) -> dict:
 
 
 def name_runs(runs):
-    """Each run's name in the table and the figure: its run name, or where two runs share
-    one, its file's path; "*" marks dummy data."""
+    """Each run's run name, or its path where runs share one; "*" marks dummy data."""
     names = [run["run_name"] for run in runs]
     for run in runs:
         shared = names.count(run["run_name"]) > 1
@@ -67,51 +66,61 @@ def name_runs(runs):
 
 
 def table(runs) -> str:
-    """One row per run ("-" where it has no finished epoch yet), then the notes it needs."""
+    """One row per run ("-" where it has no epoch yet), then the notes it needs."""
     def count(n):
-        return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+        if n >= 1e6:
+            return f"{n / 1e6:.2f}M"
+        return f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
     rows = []
     for run in runs:
         config, epochs = run["config"], run["epochs"]
         recipe = (f"{config['image_size']}px bs{config['batch_size']} lr{config['lr']:g} "
                   f"{count(config['trainable_params'])}/{count(config['total_params'])}")
-        if config["updated_params"] != config["trainable_params"]:  # the bug: never stepped
+        if config["updated_params"] != config["trainable_params"]:  # the bug: no step
             recipe += f" ({count(config['updated_params'])} in optimizer)"
         progress = f"{len(epochs)}/{config['epochs']}"
         if run["status"] != "finished" or len(epochs) < config["epochs"]:
             # a killed process leaves "running" behind
             status = {"running": "running/crashed", "finished": "stopped early"}
             progress += f" ({status.get(run['status'], run['status'])})"
-        numbers = ["-"] * 7
-        if epochs:
-            final = epochs[-1]
-            gib = [e["peak_gpu_memory_gib"] for e in epochs if e["peak_gpu_memory_gib"] is not None]
-            # medians: epoch 1 carries cudnn autotuning / compile warm-up and would skew a mean
-            numbers = [f"{final['test_acc']:.2f}", f"{max(e['test_acc'] for e in epochs):.2f}",
-                       f"{final['test_loss']:.3f}", f"{final['train_loss']:.3f}",
-                       f"{statistics.median(e['epoch_seconds'] for e in epochs):.1f}",
-                       f"{statistics.median(e['train_images_per_second'] for e in epochs):.1f}",
-                       f"{max(gib):.2f}" if gib else "-"]
-        rows.append([run["name"], recipe, progress, *numbers])
+        rows.append([run["name"], recipe, progress, *figures(epochs)])
 
     widths = [max(len(cell) for cell in column) for column in zip(HEADERS, *rows)]
-    lines = ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)  # text, then numbers
+    lines = ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)  # text, numbers
                        for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
              for cells in [HEADERS, ["-" * w for w in widths], *rows]]
     notes = [DUMMY_NOTE] if any(run["config"]["dummy"] for run in runs) else []
     reserved = [run["name"] for run in runs  # --fast on a GPU
-                if run["config"]["fast"] and any(e["peak_gpu_memory_gib"] is not None
-                                                 for e in run["epochs"])]
+                if run["config"]["fast"] and gpu_memory(run["epochs"])]
     if reserved:
-        notes.append(f"note: peak GiB of {', '.join(reserved)} is reserved memory (--fast's "
-                     "CUDA graphs keep their tensors in a pool not counted as allocated); "
-                     "the other runs' is allocated")
+        notes.append(f"note: peak GiB of {', '.join(reserved)} is reserved memory "
+                     "(--fast's CUDA graphs keep their tensors in a pool not counted as "
+                     "allocated); the other runs' is allocated")
     devices = sorted({run["config"]["device"] for run in runs})
     if len(devices) > 1:
         notes.append(f"note: runs used different devices ({', '.join(devices)}); "
                      "speed and memory compare the hardware too")
     return "\n\n".join(["\n".join(lines), *notes])
+
+
+def figures(epochs):
+    """A row's numbers: final and best accuracy, the last losses, the medians of time and
+    speed (epoch 1 carries cuDNN's autotuning or a compile, which would skew a mean), and
+    the peak memory; dashes before the first epoch."""
+    if not epochs:
+        return ["-"] * 7
+    final, gib = epochs[-1], gpu_memory(epochs)
+    return [f"{final['test_acc']:.2f}", f"{max(e['test_acc'] for e in epochs):.2f}",
+            f"{final['test_loss']:.3f}", f"{final['train_loss']:.3f}",
+            f"{statistics.median(e['epoch_seconds'] for e in epochs):.1f}",
+            f"{statistics.median(e['train_images_per_second'] for e in epochs):.1f}",
+            f"{max(gib):.2f}" if gib else "-"]
+
+
+def gpu_memory(epochs):
+    return [e["peak_gpu_memory_gib"] for e in epochs
+            if e["peak_gpu_memory_gib"] is not None]
 
 
 def plot(runs, path):
@@ -126,13 +135,16 @@ def plot(runs, path):
         x = [e["epoch"] for e in epochs]
         losses.plot(x, [e["train_loss"] for e in epochs], "-o", **style)
         losses.plot(x, [e["test_loss"] for e in epochs], "--s", **style)
-        label = run["name"] + ("" if epochs else " (no epoch yet)")  # no line, but in the legend
+        # A run with no epoch yet draws no line, but is in the legend.
+        label = run["name"] + ("" if epochs else " (no epoch yet)")
         accuracy.plot(x, [e["test_acc"] for e in epochs], "-o", label=label, **style)
-    losses.set(title="loss (train solid, test dashed)", xlabel="epoch", ylabel="cross-entropy")
+    losses.set(title="loss (train solid, test dashed)", xlabel="epoch",
+               ylabel="cross-entropy")
     accuracy.set(title="test accuracy per epoch", xlabel="epoch", ylabel="%")
     accuracy.legend(fontsize=8)
     for axes in (losses, accuracy):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 1.5
+        # Whole epochs, even for a run of one: no tick at 0.96 or 1.5.
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axes.grid(alpha=0.3)
     dummy = "\n" + DUMMY_NOTE if any(run["config"]["dummy"] for run in runs) else ""
     figure.suptitle("Training runs: " + " vs ".join(run["name"] for run in runs) + dummy)

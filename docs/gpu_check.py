@@ -2,9 +2,9 @@
 
     python docs/gpu_check.py     (from the repository's root, on a machine with CUDA)
 
-fidelity of training/augment.py to the report's PIL pipeline given the same flip and angle,
-with TF32 matmuls off (PyTorch's default) and on; host syncs while batches are made; the
-same batches for the same (seed, epoch); and the data path's own images/s."""
+fidelity of training/augment.py to the report's PIL pipeline given the same flip and
+angle, with TF32 matmuls off (PyTorch's default) and on; host syncs while batches are
+made; the same batches for the same (seed, epoch); and the data path's own images/s."""
 import json
 import sys
 import time
@@ -24,12 +24,14 @@ from training.fast import DeviceBatches  # noqa: E402
 out = {}
 images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
 flips, angles = torch.arange(32) % 2 == 1, torch.linspace(-10, 10, 32)
-for tf32 in (False, True):  # TF32: what torch.compile's warning invites users to switch on
+# TF32: what torch.compile's warning invites users to switch on
+for tf32 in (False, True):
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     for size, n in ((224, 32), (1024, 4)):
         x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).cuda()
-        got = augment.flip_rotate(augment.resize(x, size), flips[:n].cuda(), angles[:n].cuda())
+        resized = augment.resize(x, size)
+        got = augment.flip_rotate(resized, flips[:n].cuda(), angles[:n].cuda())
         want = []
         for i in range(n):
             image = F.resize(Image.fromarray(images[i]), [size, size])
@@ -42,8 +44,9 @@ for tf32 in (False, True):  # TF32: what torch.compile's warning invites users t
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.set_float32_matmul_precision("highest")
 
-args = training.parse_args(fixed.__file__, fixed.__doc__, epochs=1, batch_size=fixed.BATCH_SIZE,
-                           lr=fixed.LR, image_size=fixed.IMAGE_SIZE,
+args = training.parse_args(fixed.__file__, fixed.__doc__, epochs=1,
+                           batch_size=fixed.BATCH_SIZE, lr=fixed.LR,
+                           image_size=fixed.IMAGE_SIZE,
                            argv=["--dummy", "--no-pretrained", "--fast", "--workers", "0",
                                  "--output-dir", "/tmp/gpu_check"])
 train_data, _ = training.cifar100(args)
@@ -61,7 +64,8 @@ except RuntimeError as error:
 torch.cuda.set_sync_debug_mode(0)
 source.set_epoch(1)
 again = next(iter(source))
-out["replay_equal"] = bool(torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]))
+out["replay_equal"] = bool(torch.equal(first[0], again[0])
+                           and torch.equal(first[1], again[1]))
 torch.cuda.synchronize()
 start, n = time.perf_counter(), 0
 for _, labels in source:

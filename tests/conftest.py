@@ -1,5 +1,5 @@
-"""Run a script as a user would: in a subprocess, or as __main__ in this process (faster); or
-build what it builds. Every test runs outside the checkout, in an empty folder of its own."""
+"""Run a script as a user would: in a subprocess, or as __main__ in this process (faster);
+or build what it builds. Each test runs outside the checkout, in its own empty folder."""
 import contextlib
 import hashlib
 import importlib
@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # A run small enough for a 2-core CPU: synthetic data, random weights, small images.
-TINY = ["--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0", "--image-size", "32",
-        "--batch-size", "4", "--limit-train-batches", "2", "--limit-eval-batches", "1"]
+TINY = ["--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0",
+        "--image-size", "32", "--batch-size", "4",
+        "--limit-train-batches", "2", "--limit-eval-batches", "1"]
 # The same on the `cifar` fixture's data set, in ./data.
 SMALL = [arg for arg in TINY if arg != "--dummy"]
 TRAIN_N, TEST_N = 12, 8  # the `cifar` fixture's images
@@ -41,8 +42,8 @@ def run_script(script, *args, cwd=None, env=None, timeout=300):
 
 
 def run_here(script, *argv):
-    """`python SCRIPT ARGV` as __main__ in this process, with no SIGTERM handler (pytest keeps
-    its own): SimpleNamespace(returncode, stdout, stderr)."""
+    """`python SCRIPT ARGV` as __main__ in this process, with no SIGTERM handler (pytest
+    keeps its own): SimpleNamespace(returncode, stdout, stderr)."""
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
     with (mock.patch.object(sys, "argv", [script, *map(str, argv)]),
           mock.patch.object(signal, "signal"), stops_heard_after(),
@@ -51,7 +52,8 @@ def run_here(script, *argv):
             runpy.run_path(str(REPO / script), run_name="__main__")
         except SystemExit as exit_:
             status = exit_.code
-    return SimpleNamespace(returncode=status, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+    return SimpleNamespace(returncode=status, stdout=stdout.getvalue(),
+                           stderr=stderr.getvalue())
 
 
 def build(script, *argv):
@@ -62,12 +64,13 @@ def build(script, *argv):
                                batch_size=module.BATCH_SIZE, lr=module.LR,
                                image_size=module.IMAGE_SIZE, argv=[str(a) for a in argv])
     model, criterion, optimizer, train_data, test_data = module.build(args)
-    return SimpleNamespace(args=args, model=model, criterion=criterion, optimizer=optimizer,
-                           train_data=train_data, test_data=test_data, script=module)
+    return SimpleNamespace(args=args, model=model, criterion=criterion,
+                           optimizer=optimizer, train_data=train_data,
+                           test_data=test_data, script=module)
 
 
 def train_for_real(built):
-    """training.run on what build() returned, with the script's own train() and validate()."""
+    """training.run on what build() returned, with the script's train() and validate()."""
     with stops_heard_after():
         training.run(built.args, built.model, built.criterion, built.optimizer,
                      built.train_data, built.test_data, train=built.script.train,
@@ -76,9 +79,10 @@ def train_for_real(built):
 
 @contextlib.contextmanager
 def stops_heard_after():
-    """A run ignores Ctrl-C and SIGTERM once it ends: here they are heard again after it, by
-    pytest and by the processes it starts (which would inherit what it ignores)."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    """A run ignores Ctrl-C and SIGTERM once it ends: here they are heard again after it,
+    by pytest and by the processes it starts (which would inherit what it ignores)."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in stops}
     try:
         yield
     finally:
@@ -87,7 +91,7 @@ def stops_heard_after():
 
 
 def one_error_line(proc, status):
-    """Exit `status`, exactly one stderr line holding "error:", no traceback; returns it."""
+    """Exit `status`, exactly one stderr line with "error:", no traceback; returns it."""
     assert proc.returncode == status, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
@@ -97,8 +101,8 @@ def one_error_line(proc, status):
 
 @pytest.fixture(scope="session", autouse=True)
 def away_from_the_checkout(tmp_path_factory):
-    """From the first fixture on, the working folder is not the checkout: a user's results/
-    and data/ there (the README's smoke run) are never read, written, or in the way."""
+    """From the first fixture on, the working folder is not the checkout: there, a user's
+    results/ and data/ (the README's smoke run) are never read, written, or in the way."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path_factory.mktemp("away"))
         yield
@@ -121,8 +125,8 @@ def mount(tmp_path):
     def mount(name, options):
         folder = tmp_path / name
         folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                              capture_output=True, text=True)
+        command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}")
         mounted.append(folder)
@@ -134,9 +138,10 @@ def mount(tmp_path):
 
 @pytest.fixture
 def cifar(tmp_path, monkeypatch):
-    """A tiny CIFAR-100 in ./data (the default --data-dir), as torchvision reads it and as a
-    download (.archive) delivers it; torch on one thread, as ENV has subprocesses."""
-    threads = torch.get_num_threads()  # two threads on 2 busy cores mostly wait for each other
+    """A tiny CIFAR-100 in ./data (the default --data-dir), as torchvision reads it and as
+    a download (.archive) delivers it; torch on one thread, as ENV has subprocesses."""
+    threads = torch.get_num_threads()
+    # two threads on 2 busy cores mostly wait for each other
     torch.set_num_threads(1)
     yield write_cifar(tmp_path / "data", monkeypatch)
     torch.set_num_threads(threads)
@@ -150,7 +155,8 @@ def write_cifar(data, monkeypatch, same_image=False):
     for split, n in (("train", TRAIN_N), ("test", TEST_N)):
         pixels = rng.integers(0, 256, (1 if same_image else n, 3072), dtype=np.uint8)
         pixels, labels = np.repeat(pixels, n // len(pixels), 0), rng.integers(0, 100, n)
-        splits[split] = (pixels.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), labels.tolist())
+        images = pixels.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
+        splits[split] = (images, labels.tolist())
         files[split] = {"data": pixels, "fine_labels": labels.tolist()}
     archive, folder = io.BytesIO(), data / "cifar-100-python"
     folder.mkdir(parents=True)

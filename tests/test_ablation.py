@@ -1,6 +1,6 @@
-"""ablation.sh: the ladder's five commands, in order, each rung with its own recipe, run by
-a stand-in interpreter (PYTHON) that only records its command line; then each recorded
-training command is built for real (the script's own build()) to check what it would train."""
+"""ablation.sh: the ladder's five commands, in order, each rung with its own recipe, run
+by a stand-in interpreter (PYTHON) that only records its command line; then each recorded
+training command is built for real (the script's build()) to check what it would train."""
 import os
 import subprocess
 from pathlib import Path
@@ -12,8 +12,10 @@ from training.model import count_params
 
 FLAGS = ["--dummy", "--device", "cpu", "--no-pretrained", "--epochs", "2"]
 # rung: (image size, batch size, lr, parameters the optimizer updates)
-LADDER = {"bug": (1024, 4, 0.01, 0), "unfreeze-only": (1024, 4, 0.01, 4_135_648),
-          "unfreeze-224px": (224, 4, 0.01, 4_135_648), "fixed": (224, 64, 0.005, 4_135_648)}
+LADDER = {"bug": (1024, 4, 0.01, 0),
+          "unfreeze-only": (1024, 4, 0.01, 4_135_648),
+          "unfreeze-224px": (224, 4, 0.01, 4_135_648),
+          "fixed": (224, 64, 0.005, 4_135_648)}
 
 
 def ablation(tmp_path, *argv):
@@ -34,22 +36,26 @@ def test_the_ladder_changes_one_thing_per_rung(tmp_path):
     done, commands = ablation(tmp_path, *FLAGS, "--output-dir", "out")
     assert done.returncode == 0, done.stderr
     *runs, compare = commands
-    assert [Path(c[0]).name for c in runs] == ["bug.py", "fixed.py", "fixed.py", "fixed.py"]
+    scripts = [Path(c[0]).name for c in runs]
+    assert scripts == ["bug.py", "fixed.py", "fixed.py", "fixed.py"]
     for command, (rung, (size, batch, lr, updated)) in zip(runs, LADDER.items()):
-        assert command[-len(FLAGS) - 2:] == [*FLAGS, "--output-dir", "out"]  # the user's flags
+        # the user's flags
+        assert command[-len(FLAGS) - 2:] == [*FLAGS, "--output-dir", "out"]
         built = build(command[0], *command[1:])
-        assert built.args.run_name == rung
-        assert (built.args.image_size, built.args.batch_size, built.args.lr) == (size, batch, lr)
+        args = built.args
+        assert args.run_name == rung
+        assert (args.image_size, args.batch_size, args.lr) == (size, batch, lr)
         assert count_params(built.model, built.optimizer)["updated_params"] == updated
     assert Path(compare[0]).name == "compare.py"
-    assert compare[1:] == [f"out/{rung}.json" for rung in LADDER] + ["--plot", "out/ablation.png"]
+    results = [f"out/{rung}.json" for rung in LADDER]
+    assert compare[1:] == results + ["--plot", "out/ablation.png"]
 
 
 def test_output_dir_with_equals_is_where_compare_reads(tmp_path):
     done, commands = ablation(tmp_path, *FLAGS, "--output-dir=out")
     assert done.returncode == 0, done.stderr
-    assert commands[-1][1:] == [f"out/{rung}.json" for rung in LADDER] + ["--plot",
-                                                                         "out/ablation.png"]
+    results = [f"out/{rung}.json" for rung in LADDER]
+    assert commands[-1][1:] == results + ["--plot", "out/ablation.png"]
 
 
 @pytest.mark.parametrize("flag", ["--run-name", "--image-size", "--batch-size", "--lr"])
@@ -58,12 +64,13 @@ def test_a_rungs_own_setting_is_refused(tmp_path, flag, form):
     argv = [flag, "8"] if form == "separate" else [f"{flag}=8"]
     done, commands = ablation(tmp_path, *FLAGS, *argv)
     assert done.returncode == 2 and commands == []
-    assert done.stderr.strip() == f"ablation.sh: error: {flag} is set per rung; leave it out"
+    message = f"ablation.sh: error: {flag} is set per rung; leave it out"
+    assert done.stderr.strip() == message
 
 
 def test_resume_resumes_the_started_rungs_and_starts_the_others(tmp_path):
     """A ladder interrupted in its second rung: --resume goes on the two rungs with a
-    checkpoint, not on the two without one (there it would be refused, and stop the ladder)."""
+    checkpoint, not on the two without one (refused there, it would stop the ladder)."""
     out = tmp_path / "out"
     out.mkdir()
     for rung in ("bug", "unfreeze-only"):

@@ -1,8 +1,9 @@
 """training.augment against the report's own PIL transforms, image by image.
 
-The report resizes each 32x32 CIFAR image with PIL, flips it and rotates it by up to 10 degrees
-with nearest sampling; --fast does the same to whole uint8 batches on the GPU. These check that
-the batch version gives the levels PIL gives, and draws its parameters as torchvision does."""
+The report resizes each 32x32 CIFAR image with PIL, flips it and rotates it by up to 10
+degrees with nearest sampling; --fast does the same to whole uint8 batches on the GPU.
+These check that the batch version gives the levels PIL gives, and that it draws its
+parameters as torchvision does."""
 import numpy as np
 import pytest
 import torch
@@ -18,9 +19,10 @@ ANGLES = [10.0, -10.0, 0.0, 0.5, -0.5, 3.7, -7.3, 9.99, -2.25, 6.1, -4.8, 1.0]
 
 
 def cifar_like(n):
-    """n random 32x32 RGB images: PIL images, and the same as a uint8 (n, 3, 32, 32) batch."""
+    """n random 32x32 RGB images: as PIL images and as a uint8 (n, 3, 32, 32) batch."""
     pixels = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return [Image.fromarray(p) for p in pixels], torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    return [Image.fromarray(p) for p in pixels], batch
 
 
 def levels(pil_images):
@@ -28,15 +30,16 @@ def levels(pil_images):
 
 
 def assert_close_to_pil(ours, pil, what):
-    """Levels within a rounding of PIL's, and nearly all of them PIL's exactly: resizing in one
-    pass, or rotating in exact arithmetic rather than PIL's 16.16 fixed point, would still be
-    within 1 level nearly everywhere but would change 0.1 % to 25 % of the levels."""
+    """Levels within a rounding of PIL's, nearly all of them PIL's exactly: resizing in
+    one pass, or rotating in exact arithmetic rather than PIL's 16.16 fixed point, would
+    still be within 1 level nearly everywhere but change 0.1 % to 25 % of the levels."""
     assert ours.shape == pil.shape, what
     diff = (ours - pil).abs()
     mean, within_1, same = (diff.mean().item(), (diff <= 1).float().mean().item(),
                             (diff == 0).float().mean().item())
     assert mean <= 0.25 and within_1 >= 0.995 and same >= 0.999, (
-        f"{what}: mean |diff| {mean:.5f} levels, {within_1:.4%} within 1 level, {same:.4%} same")
+        f"{what}: mean |diff| {mean:.5f} levels, {within_1:.4%} within 1 level, "
+        f"{same:.4%} same")
 
 
 @pytest.mark.parametrize("size, n", [(224, 24), (64, 36), (1024, 2)])
@@ -45,9 +48,9 @@ def test_train_transforms_give_the_levels_of_the_reports_pil_pipeline(size, n):
 
 
 def test_tf32_matmuls_leave_the_rotation_exact(monkeypatch):
-    """TF32 (on a GPU with "high", which torch.compile's warning invites) keeps 10 bits of a
-    float32 mantissa: a float32 sampling grid would move samples across pixel edges. A CPU
-    has no TF32, so float32 grids are rounded to it here, as such a GPU would round them."""
+    """TF32 (on a GPU with "high", which torch.compile's warning invites) keeps 10 bits
+    of a float32 mantissa: a float32 sampling grid would move samples across pixel edges.
+    A CPU has no TF32: here, float32 grids are rounded as such a GPU would round them."""
     affine_grid, before = F.affine_grid, torch.get_float32_matmul_precision()
 
     def in_tf32(theta, size, align_corners):
@@ -76,7 +79,8 @@ def assert_train_transforms_close_to_pil(size, n):
     for img, flip, angle in zip(pil_images, flips.tolist(), angles.tolist()):
         img = TF.resize(img, [size, size])
         img = TF.hflip(img) if flip else img
-        expected.append(TF.rotate(img, angle, interpolation=InterpolationMode.NEAREST, fill=0))
+        img = TF.rotate(img, angle, interpolation=InterpolationMode.NEAREST, fill=0)
+        expected.append(img)
     assert ours.dtype == torch.float32
     assert_close_to_pil(ours, levels(expected), f"flip_rotate(resize(x, {size}))")
 
@@ -104,6 +108,7 @@ def test_draw_flips_half_and_turns_uniformly_within_10_degrees():
 
 
 def test_draw_is_the_generators_alone():
-    first, again, other = (draw(torch.Generator().manual_seed(seed), 1000) for seed in (1, 1, 2))
+    first, again, other = (draw(torch.Generator().manual_seed(seed), 1000)
+                           for seed in (1, 1, 2))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])

@@ -1,6 +1,6 @@
 """The epochs around the scripts' step, on the CPU: --fast's batches against the default
-path's, the whole batches --fast gives its model, the test figures, and the warm-up left out
-of the images/s."""
+path's, the whole batches --fast gives its model, the test figures, and the warm-up left
+out of the images/s."""
 import json
 import time
 from pathlib import Path
@@ -13,14 +13,15 @@ import training
 from conftest import SMALL, TEST_N, build, train_for_real, write_cifar
 from training.loop import prepare
 
-# On the `cifar` fixture: 64 px (the test images are resized, not kept), 3 training batches.
-AT_64 = [*SMALL, "--image-size", "64", "--limit-train-batches", "3", "--limit-eval-batches", "2"]
+# On the `cifar` fixture: 64 px (test images are resized, not kept), 3 training batches.
+AT_64 = [*SMALL, "--image-size", "64",
+         "--limit-train-batches", "3", "--limit-eval-batches", "2"]
 
 
 def epoch_of(built, train, epoch):
-    """The (images, labels) batches of an epoch of training or testing, as a run makes them."""
-    _, train_batches, test_batches = prepare(built.model, built.train_data, built.test_data,
-                                             built.args)
+    """The (images, labels) batches of a training or test epoch, as a run makes them."""
+    _, train_batches, test_batches = prepare(built.model, built.train_data,
+                                             built.test_data, built.args)
     batches = train_batches if train else test_batches
     batches.set_epoch(epoch)
     return list(batches)
@@ -41,7 +42,8 @@ def test_fast_keeps_the_default_paths_order_and_replays(cifar):
             levels = ((once[0][0] - plain[0][0]) * std * 255).abs()  # in uint8 levels
             assert levels.max() < 0.01, levels.max()
     later = epoch_of(fast, True, 2)
-    assert [y.tolist() for _, y in later] != [y.tolist() for _, y in epoch_of(fast, True, 1)]
+    first = epoch_of(fast, True, 1)
+    assert [y.tolist() for _, y in later] != [y.tolist() for _, y in first]
 
 
 def test_fast_augments_each_image_on_its_own(monkeypatch):
@@ -51,14 +53,16 @@ def test_fast_augments_each_image_on_its_own(monkeypatch):
     assert len({tuple(image.flatten()[::97].tolist()) for image in images}) > 2
 
 
-def test_fast_gives_its_model_whole_batches_and_counts_each_test_image_once(cifar, tmp_path):
+def test_fast_gives_its_model_whole_batches_and_counts_each_test_image_once(
+        cifar, tmp_path):
     """12 training images at batch 5: two batches, 2 images left out of the epoch; 8 test
     images: 5, then 3 padded to 5 for the model, and only the 3 counted."""
     built = build("fixed.py", *SMALL, "--fast", "--batch-size", "5", "--epochs", "1",
                   "--limit-train-batches", "3", "--limit-eval-batches", "2")
     sizes, labels = [], cifar.test[1]
 
-    def predict_the_last_label(module, inputs, output):  # class c for every image, any batch
+    # class c for every image, any batch
+    def predict_the_last_label(module, inputs, output):
         sizes.append(len(inputs[0]))
         return output * 0 + nn.functional.one_hot(torch.tensor(labels[-1]), 100)
     built.model.module.register_forward_hook(predict_the_last_label)
@@ -68,12 +72,13 @@ def test_fast_gives_its_model_whole_batches_and_counts_each_test_image_once(cifa
     accuracy = 100 * labels.count(labels[-1]) / TEST_N
     assert entry["test_acc"] == pytest.approx(accuracy)
     # cross-entropy of logits 1 at c and 0 elsewhere: log(99 + e) - 1 where the label is c
-    assert entry["test_loss"] == pytest.approx(torch.tensor(99 + torch.e).log() - accuracy / 100)
+    loss = torch.tensor(99 + torch.e).log() - accuracy / 100
+    assert entry["test_loss"] == pytest.approx(loss)
 
 
 class SlowAtFirst(nn.Module):
-    """A stand-in model: each training step takes 0.2 s, and the first two (as a compile and
-    a CUDA-graph capture would) 0.5 s more; testing takes no time."""
+    """A stand-in model: each training step takes 0.2 s, and the first two (as a compile
+    and a CUDA-graph capture would) 0.5 s more; testing takes no time."""
 
     def __init__(self):
         super().__init__()
@@ -100,11 +105,12 @@ def test_images_per_second_leave_the_warmup_out(cifar, tmp_path):
 
 
 def test_fast_learns_the_synthetic_set(tmp_path):
-    """Batch 128 gives BatchNorm steady statistics and Adam a steady gradient: the loss falls
+    """Batch 128 gives BatchNorm steady statistics, Adam a steady gradient: the loss falls
     in 3 epochs of 3 batches, by a wide margin. Deterministic: fixed seed, no workers."""
-    built = build("fixed.py", "--dummy", "--device", "cpu", "--no-pretrained", "--workers", "0",
-                  "--image-size", "32", "--batch-size", "128", "--limit-train-batches", "3",
-                  "--limit-eval-batches", "1", "--epochs", "3", "--fast")
+    built = build("fixed.py", "--dummy", "--device", "cpu", "--no-pretrained",
+                  "--workers", "0", "--image-size", "32", "--batch-size", "128",
+                  "--limit-train-batches", "3", "--limit-eval-batches", "1",
+                  "--epochs", "3", "--fast")
     train_for_real(built)
     epochs = json.loads((tmp_path / "results/fixed.json").read_text())["epochs"]
     losses = [entry["train_loss"] for entry in epochs]

@@ -1,5 +1,6 @@
-"""Stopping, resuming and failing a run, end to end, on conftest.TINY's CPU run. Fixture `runs`
-starts its runs two at a time in the background; refusals run __main__ in this process."""
+"""Stopping, resuming and failing a run, end to end, on conftest.TINY's CPU run.
+Fixture `runs` starts its runs two at a time in the background; refusals run
+__main__ in this process."""
 import json
 import os
 import re
@@ -31,40 +32,46 @@ from conftest import (
 
 FIXED, EPOCHS = [sys.executable, str(REPO / "fixed.py")], ["--epochs", "3"]
 TIMING = {"epoch_seconds", "train_images_per_second", "warmup_seconds"}
-LONG = ["--epochs", "100", "--limit-train-batches", "5", "--workers", "2"]  # until stopped
+# runs until stopped
+LONG = ["--epochs", "100", "--limit-train-batches", "5", "--workers", "2"]
 # Found by trying: the test loss is ~1e32 after epoch 1 and overflows in epoch 2.
 NON_FINITE = ["--limit-train-batches", "1", "--lr", "0.6"]
-# Every recipe key the command line can change: the change, its value there (TINY) and here.
-# Not here: script (the bug.py case), optimizer (each script's own), dummy (real CIFAR-100).
+# Every recipe key a command line can change: the change, its value there (TINY) and here.
+# Not here: script (the bug.py case), optimizer (per script), dummy (real CIFAR-100).
 RECIPE_CHANGES = {
     "lr": ("--lr 0.001", 0.005, 0.001), "batch_size": ("--batch-size 8", 4, 8),
     "image_size": ("--image-size 64", 32, 64), "seed": ("--seed 1", 0, 1),
     "limit_train_batches": ("--limit-train-batches 3", 2, 3),
     "limit_eval_batches": ("--limit-eval-batches 2", 1, 2),
-    "fast": ("--fast", False, True), "pretrained": ("--weights WEIGHTS", "none", "imagenet")}
+    "fast": ("--fast", False, True),
+    "pretrained": ("--weights WEIGHTS", "none", "imagenet")}
 REFUSALS = {  # case: (exit status, what the one line says)
     "no-checkpoint": (2, []), "corrupt": (1, ["cannot resume", "corrupt"]),
     "truncated": (1, ["cannot resume", "corrupt"]),
-    "another-recipe": (1, ["another recipe", *(f"{key} {there!r} there, {here!r} here" for
-                                               key, (_, there, here) in RECIPE_CHANGES.items())]),
+    "another-recipe": (1, ["another recipe", *(
+        f"{key} {there!r} there, {here!r} here"
+        for key, (_, there, here) in RECIPE_CHANGES.items())]),
     "bug.py": (1, ["another recipe", "script 'fixed' there, 'bug' here"])}
-ELSEWHERE = dict(epochs=99, total_params=1, trainable_params=1, updated_params=1, workers=15,
-                 weights="elsewhere/b0.pth", device="NVIDIA H200", torch="2.0.0")
+ELSEWHERE = dict(epochs=99, total_params=1, trainable_params=1, updated_params=1,
+                 workers=15, weights="elsewhere/b0.pth", device="NVIDIA H200",
+                 torch="2.0.0")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
                          ids=["SIGINT to the group", "SIGTERM to every process"])
 def test_a_stop_with_workers_is_one_line_and_the_printed_command_resumes(stopped, signum):
-    """SIGINT to the process group (Ctrl-C), SIGTERM to each process (pkill -f) of a run with
+    """SIGINT to the group (Ctrl-C), SIGTERM to each process (pkill -f) of a run with
     workers: exit 130 or 143, its stop line alone, no worker left; the command resumes."""
     run = getattr(stopped, signum.name)
-    assert run.returncode == 128 + signum and "Traceback" not in run.log and run.command, run.log
+    assert run.returncode == 128 + signum and "Traceback" not in run.log, run.log
+    assert run.command, run.log
     document, state = run.left
     assert document["status"] == "interrupted" and len(document["epochs"]) >= 1
     assert run.temps == [], run.temps
     assert run.workers, "no loader process seen: did the run use --workers 2?"
     assert run.survivors == [], f"loader processes outlived the run: {run.survivors}"
-    after = (stopped.SIGTERM.left if signum == signal.SIGINT else complete_files(stopped.out))[1]
+    after = (stopped.SIGTERM.left if signum == signal.SIGINT
+             else complete_files(stopped.out))[1]
     assert after["history"][:state["epoch"]] == state["history"], "restarted, not resumed"
     assert len(after["history"]) > state["epoch"], "the printed command trained no epoch"
 
@@ -73,25 +80,27 @@ def test_a_stop_as_a_finished_run_ends_is_quiet(stopped):
     """SIGINT just after a run with workers saved "finished", while its workers end: no
     traceback, exit 0, the run's files complete."""
     run = stopped.after_done
-    assert run.returncode == 0 and "Traceback" not in run.log and "done:" in run.log, run.log
+    assert run.returncode == 0 and "Traceback" not in run.log, run.log
+    assert "done:" in run.log, run.log
     assert run.left[0]["status"] == "finished" and run.survivors == []
 
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
 def test_a_second_process_is_refused_while_a_run_writes(stopped, flag):
-    """A second writer of a running run's files is refused in one line; the first goes on."""
+    """A second writer of a live run's files is refused in one line; the first goes on."""
     assert "another run is writing it" in one_error_line(stopped.SIGINT.second[flag], 2)
     assert stopped.SIGINT.alive_after_second, "the run ended while the second was refused"
 
 
 def test_resume_equals_an_uninterrupted_run_whatever_the_workers(runs):
-    """1 epoch, then --resume --epochs 3 --workers 2, is bit for bit 3 epochs with --workers 0."""
+    """1 epoch, then --resume --epochs 3 --workers 2, is bit for bit the same as 3 epochs
+    with --workers 0."""
     assert_same_run(runs["resume"].result(), runs["reference"].result().out)
 
 
 def test_a_fast_resume_equals_an_uninterrupted_run(cifar, tmp_path):
-    """--fast: 1 epoch, then --resume to 2, is bit for bit 2 epochs; each epoch leaves out
-    of training a last, partial batch (2 of 12 images at batch 5) drawn from (seed, epoch)."""
+    """--fast: 1 epoch, then --resume to 2, is bit for bit 2 epochs; each epoch trains
+    without a last, partial batch (2 of 12 images at batch 5) drawn from (seed, epoch)."""
     fast = [*SMALL, "--fast", "--batch-size", "5", "--limit-train-batches", "3"]
     for out, *steps in (("once", ["--epochs", "2"]),
                         ("resumed", ["--epochs", "1"], ["--epochs", "2", "--resume"])):
@@ -102,7 +111,8 @@ def test_a_fast_resume_equals_an_uninterrupted_run(cifar, tmp_path):
 
 @pytest.mark.parametrize("moment", ["start-up", "mid-epoch", "checkpoint-before-json"])
 def test_sigkill_leaves_complete_files_and_resume_finishes_the_run(runs, moment):
-    """SIGKILL at any of 3 moments leaves complete files; --resume ends as if uninterrupted."""
+    """SIGKILL at any of 3 moments leaves complete files; --resume then finishes the run
+    as if uninterrupted."""
     chain = runs["reference" if moment == "start-up" else "killed"].result()
     killed = chain.killed[moment]
     assert killed.returncode == -signal.SIGKILL, f"not killed: {killed.log}"
@@ -118,7 +128,7 @@ def test_sigkill_leaves_complete_files_and_resume_finishes_the_run(runs, moment)
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_a_refused_resume_is_one_line_and_touches_nothing(runs, tmp_path, case):
-    """A refused --resume (REFUSALS) exits 1 or 2 in one line, every byte in the folder kept."""
+    """A refused --resume (REFUSALS) exits 1 or 2 in one line, the folder untouched."""
     out, script = tmp_path / "out", "fixed"
     shutil.copytree(runs["reference"].result().out, out)
     argv, checkpoint = tiny(out, *EPOCHS, "--resume"), out / "fixed.pth"
@@ -129,8 +139,10 @@ def test_a_refused_resume_is_one_line_and_touches_nothing(runs, tmp_path, case):
                                if case == "truncated" else bytes(range(256)) * 4096)
     elif case == "another-recipe":  # every key changed, each named
         assert {*RECIPE_CHANGES, "script", "optimizer", "dummy"} == set(schema.RECIPE)
-        from efficientnet_pytorch import EfficientNet  # the published layout, random values
-        torch.save(EfficientNet.from_name("efficientnet-b0").state_dict(), tmp_path / "b0.pth")
+        from efficientnet_pytorch import EfficientNet
+        # the published layout, random values
+        weights = EfficientNet.from_name("efficientnet-b0").state_dict()
+        torch.save(weights, tmp_path / "b0.pth")
         argv = [arg for arg in argv if arg != "--no-pretrained"] + [
             str(tmp_path / "b0.pth") if arg == "WEIGHTS" else arg
             for change, *_ in RECIPE_CHANGES.values() for arg in change.split()]
@@ -142,12 +154,14 @@ def test_a_refused_resume_is_one_line_and_touches_nothing(runs, tmp_path, case):
     if case == "no-checkpoint":
         advice = line.split("fixed.json", 1)[1]
         assert "--overwrite" in advice and "--resume" not in advice, line
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before, "folder changed"
+    after = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert after == before, "folder changed"
 
 
 def test_resume_with_nothing_to_do_rebuilds_the_results_from_a_checkpoint_made_elsewhere(
         runs, tmp_path):
-    """--resume of a finished checkpoint from elsewhere, no JSON: JSON rebuilt, stale temp gone."""
+    """--resume of a finished checkpoint from elsewhere, with no JSON: the JSON is rebuilt
+    and the stale temp file removed."""
     assert set(ELSEWHERE) == set(schema.CONFIG) - set(schema.RECIPE)
     out = tmp_path / "out"
     out.mkdir()
@@ -166,32 +180,38 @@ def test_resume_with_nothing_to_do_rebuilds_the_results_from_a_checkpoint_made_e
 
 
 def test_a_non_finite_loss_stops_the_run_keeping_its_finished_epochs(tmp_path):
-    """A NaN or infinite loss: one line, "failed", the epochs before it kept in both files."""
+    """A NaN or infinite loss: one line, "failed", earlier epochs kept in both files."""
     out = tmp_path / "out"
-    assert "NaN or infinite" in one_error_line(run_here("fixed.py", *tiny(out, *NON_FINITE)), 1)
+    failed = run_here("fixed.py", *tiny(out, *NON_FINITE))
+    assert "NaN or infinite" in one_error_line(failed, 1)
     document, state = complete_files(out)
     assert len(document["epochs"]) >= 1, f"{NON_FINITE} now fails in epoch 1: lower --lr"
-    assert (document["status"], document["epochs"], temps(out)) == ("failed", state["history"], [])
+    assert (document["status"], document["epochs"], temps(out)) == (
+        "failed", state["history"], [])
 
 
 def test_an_unexpected_error_with_workers_ends_promptly_and_the_run_resumes(runs):
-    """A loss raising in epoch 2, --workers 1: traceback, one line, exit 1 in 10 s; it resumes."""
+    """A loss raising in epoch 2, --workers 1: traceback, one line, exit 1 in 10 s; then
+    the run resumes."""
     broken = runs["unexpected"].result()
     stderr = broken.proc.stderr
     assert broken.proc.returncode == 1, stderr[-3000:]
     assert "Traceback" in stderr and "RuntimeError: injected" in stderr, stderr[-3000:]
     assert len([line for line in stderr.splitlines() if "error:" in line]) == 1, stderr
     raised_at = float(stderr.split("raising at ", 1)[1].split()[0])
-    assert broken.ended - raised_at < 10, f"{broken.ended - raised_at:.0f} s"  # it once hung
+    seconds = broken.ended - raised_at
+    assert seconds < 10, f"{seconds:.0f} s"  # it once hung
     document, state = broken.left
-    assert document["status"] == "failed" and state["epoch"] == len(document["epochs"]) == 1
+    assert document["status"] == "failed"
+    assert state["epoch"] == len(document["epochs"]) == 1
     assert_same_run(broken.out, runs["reference"].result().out)
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(runs):
-    """A full --output-dir (80 MB tmpfs): one line, complete files; with 200 MB, it resumes."""
-    if isinstance(runs["full-disk"], str):  # a checkpoint (~50 MB) fits beside the epoch-0
-        pytest.skip(runs["full-disk"])  # one (16 MB), not beside another
+    """A full --output-dir (80 MB tmpfs): one line, complete files; resumes at 200 MB."""
+    # a checkpoint (~50 MB) fits beside the epoch-0 one (16 MB), not beside another
+    if isinstance(runs["full-disk"], str):
+        pytest.skip(runs["full-disk"])
     full = runs["full-disk"].result()
     line = one_error_line(full.proc, 1)
     assert " is full " in line and line.endswith("and --resume continues it"), line
@@ -202,11 +222,12 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
 
 
 def test_a_full_disk_that_saved_nothing_says_so(mount):
-    """No room for the first checkpoint: one line, and no --resume advice, for nothing of the
-    run is on disk to resume."""
+    """No room for the first checkpoint: one line, and no --resume advice, for nothing of
+    the run is on disk to resume."""
     out = mount("disk", "size=8m") / "out"
     line = one_error_line(run_here("fixed.py", *tiny(out)), 1)
-    assert f"{out} is full (no space left for fixed.pth)" in line and "--resume" not in line
+    assert f"{out} is full (no space left for fixed.pth)" in line
+    assert "--resume" not in line
     assert sorted(path.name for path in out.iterdir()) == [".fixed.lock"]
 
 
@@ -224,25 +245,29 @@ def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, where):
     words = "out of GPU memory" if where == "GPU" else "out of memory in epoch 1 (cpu)"
     with pytest.raises(training.RunError, match=re.escape(words)) as error:
         train_for_real(built)
-    assert "--batch-size" in str(error.value) and "\n" not in str(error.value), error.value
+    message = str(error.value)
+    assert "--batch-size" in message and "\n" not in message, error.value
     assert json.loads(built.args.results_path.read_text())["status"] == "failed"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def runs(tmp_path_factory):
-    """{name: future} of the runs below, two at a time from the first test on (or why not)."""
-    root, disk, pool = *map(tmp_path_factory.mktemp, ("runs", "disk")), ThreadPoolExecutor(2)
+    """{name: future or why not}: the runs below, two at a time from the first test on."""
+    root, disk = map(tmp_path_factory.mktemp, ("runs", "disk"))
+    pool = ThreadPoolExecutor(2)
     mounted = subprocess.run(f"mount -t tmpfs -o size=80m tmpfs {disk}", shell=True,
                              capture_output=True, text=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # in this process too: the runs' OMP_NUM_THREADS (conftest.ENV)
+    # in this process too: the runs' OMP_NUM_THREADS (conftest.ENV)
+    torch.set_num_threads(1)
     futures = {name: pool.submit(chain, root / name) for name, chain in (
         ("reference", reference), ("killed", kill_twice),
         ("resume", lambda out: ok_run(out, "--epochs", "1") and ok_run(
             out, "--resume", *EPOCHS, "--workers", "2")),
         ("unexpected", break_in_epoch_2))}
-    futures["full-disk"] = (f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}"
-                            if mounted.returncode else pool.submit(fill_the_disk, disk / "out"))
+    why = mounted.stderr.strip() or mounted.returncode
+    futures["full-disk"] = (f"cannot mount a tmpfs: {why}" if mounted.returncode
+                            else pool.submit(fill_the_disk, disk / "out"))
     yield futures
     pool.shutdown(cancel_futures=True)
     torch.set_num_threads(threads)
@@ -252,29 +277,31 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
-    """A run (--workers 2) to an epoch, second writers refused meanwhile, SIGINT to its group;
-    its printed command to an epoch more, SIGTERM to each process; that one's, to one epoch
-    more than its checkpoint, SIGINT as it saves "finished"."""
+    """A run (--workers 2) to an epoch, second writers refused meanwhile, SIGINT to its
+    group; its printed command to an epoch more, SIGTERM to each process; that one's, to
+    one epoch more than its checkpoint, SIGINT as it saves "finished"."""
     out = tmp_path_factory.mktemp("signals") / "out"
     argv = tiny(out, *LONG)
 
     def refuse_second_writers(proc):
         wait_for_epochs(out, proc, 1)
-        return {flag: run_here("fixed.py", *argv, flag) for flag in ("--overwrite", "--resume")}
+        return {flag: run_here("fixed.py", *argv, flag)
+                for flag in ("--overwrite", "--resume")}
     sigint = interrupt(out, [*FIXED, *argv], refuse_second_writers, signal.SIGINT)
     sigterm = interrupt(out, sigint.command, lambda proc: wait_for_epochs(
         out, proc, sigint.left[1]["epoch"] + 1), signal.SIGTERM, to="every process")
     command = sigterm.command
     command[command.index("--epochs") + 1] = str(sigterm.left[1]["epoch"] + 1)
-    after_done = interrupt(out, command, lambda proc: wait_for_epochs(out, proc, "finished"),
+    after_done = interrupt(out, command,
+                           lambda proc: wait_for_epochs(out, proc, "finished"),
                            signal.SIGINT, to="the main process")
     return SimpleNamespace(SIGINT=sigint, SIGTERM=sigterm, after_done=after_done, out=out)
 
 
 def interrupt(out, command, until, signum=signal.SIGKILL, to="the group"):
-    """`command` in its own session until(proc), then `signum` to its process group, to every
-    process or to the main one: how it ended, what it left (checked complete), its loader
-    processes, the command it printed to resume."""
+    """`command` in its own session until(proc), then `signum` to its process group, to
+    every process or to the main one: how it ended, what it left (checked complete), its
+    loader processes, the command it printed to resume."""
     with open(out.parent / f"{out.name}.{signum.name}.{to}.log", "w+") as log:
         proc = subprocess.Popen(command, cwd=out.parent, env=ENV, stdout=log, stderr=log,
                                 start_new_session=True)
@@ -296,11 +323,13 @@ def interrupt(out, command, until, signum=signal.SIGKILL, to="the group"):
                 proc.wait()
         log.seek(0)
         text = log.read()[-3000:]
-    printed = text.partition("Resume with:")[2].strip().split("\n")[0]  # python fixed.py ...
+    # python fixed.py ...
+    printed = text.partition("Resume with:")[2].strip().split("\n")[0]
     command = printed and [sys.executable, *shlex.split(printed)[1:]]
     return SimpleNamespace(returncode=proc.returncode, log=text, left=complete_files(out),
-                           temps=temps(out), workers=workers, second=second, command=command,
-                           survivors=[*filter(running, workers)], alive_after_second=alive)
+                           temps=temps(out), workers=workers, second=second,
+                           command=command, survivors=[*filter(running, workers)],
+                           alive_after_second=alive)
 
 
 def reference(out):
@@ -310,11 +339,12 @@ def reference(out):
 
 
 def kill_twice(out):
-    """SIGKILL 0.1 s into epoch 2; resuming, right after a checkpoint ahead of the JSON."""
+    """SIGKILL 0.1 s into epoch 2; resuming, just after a checkpoint ahead of the JSON."""
     argv = tiny(out, *EPOCHS)
     mid_epoch = interrupt(out, [*FIXED, *argv],
                           lambda proc: wait_for_epochs(out, proc, 1) or time.sleep(0.1))
-    after_checkpoint = interrupt(out, [*PATCHED, "kill", *argv, "--resume"], lambda p: p.wait(300))
+    after_checkpoint = interrupt(out, [*PATCHED, "kill", *argv, "--resume"],
+                                 lambda proc: proc.wait(300))
     return SimpleNamespace(out=ok_run(out, *EPOCHS, "--resume"), killed={
         "mid-epoch": mid_epoch, "checkpoint-before-json": after_checkpoint})
 
@@ -322,22 +352,24 @@ def kill_twice(out):
 def break_in_epoch_2(out):
     """A loss that raises in epoch 2, with --workers 1; then --resume."""
     proc = subprocess.run([*PATCHED, "break", *tiny(out, *EPOCHS, "--workers", "1")],
-                          cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=120)
+                          cwd=out.parent, env=ENV, capture_output=True, text=True,
+                          timeout=120)
     return SimpleNamespace(proc=proc, ended=time.time(), left=complete_files(out),
                            out=ok_run(out, *EPOCHS, "--resume"))
 
 
 def fill_the_disk(out):
     """A run on the 80 MB tmpfs; then, grown to 200 MB, --resume."""
-    full = SimpleNamespace(proc=run_script("fixed.py", *tiny(out, *EPOCHS), cwd=out.parent))
+    proc = run_script("fixed.py", *tiny(out, *EPOCHS), cwd=out.parent)
+    full = SimpleNamespace(proc=proc)
     full.left, full.temps = complete_files(out), temps(out)
     subprocess.run(["mount", "-o", "remount,size=200m", str(out.parent)], check=True)
     full.out = ok_run(out, *EPOCHS, "--resume")
     return full
 
 
-# [*PATCHED, MODE, *ARGV]: fixed.py ARGV, SIGKILLed once a checkpoint is renamed in ahead of
-# the JSON (MODE "kill"), or with a loss raising once the JSON holds an epoch (MODE "break").
+# [*PATCHED, MODE, *ARGV]: fixed.py ARGV, SIGKILLed once a checkpoint is renamed in ahead
+# of the JSON ("kill"), or with a loss raising once the JSON holds an epoch ("break").
 PATCHED = [sys.executable, "-c", """
 import json, os, runpy, signal, sys, time, torch
 _, fixed, mode, *args = sys.argv  # -c fixed.py MODE ARGS...
@@ -367,7 +399,8 @@ def tiny(out, *extra):
 
 
 def ok_run(out, *extra):
-    """fixed.py TINY --output-dir OUT EXTRA, in OUT's parent (never the checkout): it ends well."""
+    """Run fixed.py TINY --output-dir OUT EXTRA in OUT's parent (never the checkout), and
+    check that it ends well."""
     ok(run_script("fixed.py", *tiny(out, *extra), cwd=out.parent))
     return out
 
@@ -377,7 +410,8 @@ def ok(proc):
 
 
 def complete_files(out):
-    """(results, checkpoint) or None each, checked: both load, the JSON a prefix of the .pth."""
+    """(results, checkpoint), each None if missing, checked: both load, the JSON a prefix
+    of the .pth's history."""
     results, checkpoint = out / "fixed.json", out / "fixed.pth"
     document = json.loads(results.read_text()) if results.exists() else None
     state = (torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -396,9 +430,12 @@ def assert_same_run(out, reference):
     assert document["status"] == "finished" and document["epochs"] == state["history"]
     assert temps(out) == [], temps(out)
     for run in (state, expected):
-        run["history"] = [{k: v for k, v in e.items() if k not in TIMING} for e in run["history"]]
-    torch.testing.assert_close(*({part: run[part] for part in ("history", "model", "optimizer")}
-                                 for run in (state, expected)), rtol=0, atol=0)  # bit for bit
+        run["history"] = [{k: v for k, v in e.items() if k not in TIMING}
+                          for e in run["history"]]
+    parts = ("history", "model", "optimizer")
+    torch.testing.assert_close({part: state[part] for part in parts},
+                               {part: expected[part] for part in parts},
+                               rtol=0, atol=0)  # bit for bit
 
 
 def temps(out):
@@ -409,7 +446,8 @@ def wait_for_epochs(out, proc, epochs, timeout=180):
     """Until the JSON holds `epochs` epochs, or says "finished"."""
     deadline, results = time.monotonic() + timeout, out / "fixed.json"
     while not results.exists() or not held(json.loads(results.read_text()), epochs):
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {epochs}"
+        assert proc.poll() is None, (
+            f"the run ended (exit {proc.returncode}) before {epochs}")
         assert time.monotonic() < deadline, f"no epoch {epochs} in {timeout} s"
         time.sleep(0.02)
 
@@ -420,8 +458,9 @@ def held(document, epochs):
 
 
 def descendants(pid):
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [each for child in map(int, children.split()) for each in [child, *descendants(child)]]
+    pgrep = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    children = map(int, pgrep.stdout.split())
+    return [each for child in children for each in [child, *descendants(child)]]
 
 
 def running(pid):  # not ended: a zombie (state Z or X in /proc/PID/stat) has

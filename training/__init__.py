@@ -1,7 +1,6 @@
-"""What bug.py and fixed.py share, so that the two hold only the report's own code and
-`diff bug.py fixed.py` is the fix: the command line, the report's data and transforms, its
-model, and the epochs around the scripts' own train() and validate() (saving, resuming,
-reporting, failing in one line). --fast lives in fast.py alone."""
+"""What bug.py and fixed.py share, so that each holds only the report's own code: the
+command line, the report's data and model, and the epochs around the scripts' own train()
+and validate() (saving, resuming, reporting, failing in one line). --fast: fast.py."""
 from .cli import command_line, parse_args
 from .data import cifar100
 from .errors import RunError

@@ -1,5 +1,5 @@
-"""The command line both scripts share, and the one place a run ends: every failure the user
-can act on is a RunError, raised where it is found and printed here as one line."""
+"""The command line both scripts share, and the one place a run ends: every failure the
+user can act on is a RunError, raised where it is found and printed here as one line."""
 import argparse
 import math
 import os
@@ -17,12 +17,9 @@ from .errors import RunError, Terminated, ignore_stops
 from .model import weights_problem
 from .rundir import files_problem
 
-# EfficientNet-b0 cannot take less than 32 px, and BatchNorm in training cannot take a
-# batch of one image under 64 px (its last feature map is then one value per channel).
-MIN_IMAGE_SIZE, MIN_SINGLE_IMAGE_SIZE = 32, 64
+MIN_IMAGE_SIZE = 32  # EfficientNet-b0's last feature map is then 1x1
 MAX_IMAGE_SIZE = 2048  # twice the bug's: beyond it a step outgrows any GPU
 MAX_WORKERS = 64
-NAME_MAX = 255  # bytes in one file name, on the common file systems
 # The README's smoke run: synthetic data, random weights, 32 px, one batch of each kind.
 SMOKE_RUN = ("--dummy --no-pretrained --device cpu --epochs 1 --image-size 32 "
              "--limit-train-batches 1 --limit-eval-batches 1 --output-dir results/smoke")
@@ -30,8 +27,8 @@ SMOKE_RUN = ("--dummy --no-pretrained --device cpu --epochs 1 --image-size 32 "
 
 @contextmanager
 def command_line(script_file, description, **recipe):
-    """Parse the command line, then run the block under the one top-level handler: a RunError
-    or a stop signal ends the process in one line, anything unexpected with its traceback."""
+    """Parse, then run the block under the one handler: a RunError or a stop ends in one
+    line, anything unexpected with its traceback."""
     args = parse_args(script_file, description, **recipe)
 
     def stop_on_sigterm(signum, frame):  # a scheduler's, or `kill`'s: stop as Ctrl-C does
@@ -55,20 +52,22 @@ def last_words(error, prog):
     if isinstance(error, RunError):
         return f"{prog}: error: {error}", error.status
     if isinstance(error, KeyboardInterrupt):
-        name, status = ("SIGTERM", 143) if isinstance(error, Terminated) else ("SIGINT", 130)
+        name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
+        status = 128 + getattr(signal, name)
         return f"\n{name}: {error.args[0] if error.args else 'stopped'}", status
     traceback.print_exc()
     return f"{prog}: error: unexpected {type(error).__name__}, above", 1
 
 
-def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, argv=None):
-    """The keyword arguments are the recipe's defaults. Every value that cannot work is refused
-    here, before anything loads. Only checks: no CUDA context, nothing opened or installed."""
+def parse_args(script_file, description, *, epochs, batch_size, lr, image_size,
+               argv=None):
+    """The keyword arguments are the recipe's defaults. Every value that cannot work is
+    refused here, before anything loads or starts."""
     script = Path(script_file).stem
     parser = argparse.ArgumentParser(
         prog=Path(script_file).name, description=description, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("recipe (the defaults are this script's)").add_argument
+    group = parser.add_argument_group("recipe (defaults: this script's)").add_argument
     group("--epochs", type=number(int), default=epochs, metavar="N",
           help="epochs to train (default: %(default)s)")
     group("--batch-size", type=number(int), default=batch_size, metavar="N",
@@ -76,31 +75,30 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
     group("--lr", type=number(float), default=lr,
           help="Adam's learning rate, at most 1000 (default: %(default)s)")
     group("--image-size", type=number(int), default=image_size, metavar="SIZE",
-          help=f"images are resized to SIZE x SIZE, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
+          help=f"images resized to SIZE x SIZE, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
                "(default: %(default)s)")
     group("--seed", type=number(int, zero=True), default=0,
-          help="decides the new head's initial weights (with --no-pretrained, all weights), "
-               "shuffling, augmentation, dropout, and --dummy's images (default: 0)")
+          help="draws the new head (with --no-pretrained, all weights), the order, "
+               "augmentation, dropout and --dummy's images (default: 0)")
     group = parser.add_argument_group("data and weights").add_argument
     group("--data-dir", type=Path, default=Path("data"), metavar="DIR",
           help="where CIFAR-100 is, or is downloaded to (default: %(default)s)")
-    group("--dummy", action="store_true", help="synthetic CIFAR-100-shaped data, for speed, "
-          "memory and smoke tests: accuracy then says only whether the model learns")
-    group("--weights", type=Path, metavar="PATH", help="a local copy of the published ImageNet "
-          "weights (efficientnet-b0-355c32eb.pth), for machines without internet")
-    group("--no-pretrained", action="store_true", help="random initial weights, not ImageNet's")
+    group("--dummy", action="store_true", help="synthetic CIFAR-100-shaped data: its "
+          "accuracy says only whether the model learns")
+    group("--weights", type=Path, metavar="PATH", help="a copy of the ImageNet weights "
+          "(efficientnet-b0-355c32eb.pth), for machines without internet")
+    group("--no-pretrained", action="store_true", help="random weights, not ImageNet's")
     group = parser.add_argument_group("running").add_argument
     group("--device", default="cuda", help="cuda, cuda:N or cpu (default: %(default)s)")
     group("--workers", type=number(int, zero=True), default=DEFAULT_WORKERS, metavar="N",
-          help=f"data loading processes, at most {MAX_WORKERS}; 0 loads in the main process "
-               "(default: the CPUs available less one, at most 16: %(default)s here)")
+          help=f"loader processes, at most {MAX_WORKERS}; 0: the main process loads "
+               "(default: the CPUs less one, at most 16: %(default)s here)")
     group("--fast", action="store_true",
           help="opt-in speed mode that changes numerics: bf16 autocast, channels_last, "
-               "torch.compile with CUDA graphs, the data set augmented on the device. Each "
-               "epoch leaves out its last partial training batch (16 of 50,000 images at "
-               "batch 64, other ones each epoch); the last test batch is padded, and only "
-               "its real images counted. For bug.py it also changes the memory symptom "
-               "(bf16 activations)")
+               "torch.compile with CUDA graphs, data augmented on the device. An epoch "
+               "leaves out its last partial training batch (16 of 50,000 images at "
+               "batch 64); the last test batch is padded, and only its real images "
+               "counted. For bug.py it also hides part of the memory symptom")
     group("--limit-train-batches", type=number(int), metavar="N",
           help="train on only N batches per epoch (a symptom check in minutes)")
     group("--limit-eval-batches", type=number(int), metavar="N",
@@ -110,7 +108,7 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
           help="where results and checkpoints go (default: %(default)s)")
     group("--run-name", default=script, metavar="NAME",
           help="results go to DIR/NAME.json and DIR/NAME.pth (default: %(default)s)")
-    group("--overwrite", action="store_true", help="replace an earlier run of the same name")
+    group("--overwrite", action="store_true", help="replace an earlier run of this name")
     group("--resume", action="store_true",
           help="continue the run DIR/NAME from its checkpoint, up to --epochs")
     args = parser.parse_args(argv)
@@ -126,18 +124,13 @@ def parse_args(script_file, description, *, epochs, batch_size, lr, image_size, 
 
 def refusal(args):
     """Why these arguments cannot make a run, or None."""
-    if args.lr > 1000:  # Adam moves each weight by about lr a step; beyond ~1e37, overflows
+    if args.lr > 1000:  # Adam moves a weight by about lr a step: beyond ~1e37, overflow
         return f"--lr {args.lr:g}: must be at most 1000"
     if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
         return (f"--image-size {args.image_size}: must be {MIN_IMAGE_SIZE} to "
                 f"{MAX_IMAGE_SIZE} (EfficientNet-b0 cannot take less)")
     if args.batch_size > TRAIN_IMAGES:
-        return f"--batch-size {args.batch_size}: more than the {TRAIN_IMAGES:,} training images"
-    images = min(TRAIN_IMAGES, (args.limit_train_batches or TRAIN_IMAGES) * args.batch_size)
-    if args.image_size < MIN_SINGLE_IMAGE_SIZE and 1 in (args.batch_size, images % args.batch_size):
-        return (f"--batch-size {args.batch_size}: a training batch of one image cannot pass "
-                f"BatchNorm at {args.image_size} px; use another --batch-size, or "
-                f"--image-size {MIN_SINGLE_IMAGE_SIZE} or more")
+        return f"--batch-size {args.batch_size}: more than the {TRAIN_IMAGES:,} images"
     if args.workers > MAX_WORKERS:
         return f"--workers {args.workers}: must be at most {MAX_WORKERS}"
     if args.seed >= 2**63:  # torch.manual_seed's limit
@@ -147,20 +140,18 @@ def refusal(args):
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            return ("CUDA is not available on this machine: add --device cpu (slow). A smoke "
-                    f"run in under a minute: python {args.prog} {SMOKE_RUN}")
+            return ("CUDA is not available on this machine: add --device cpu (slow). A "
+                    f"smoke run in under a minute: python {args.prog} {SMOKE_RUN}")
         device = torch.device("cuda", device.index or 0)
         if device.index >= torch.cuda.device_count():
-            return (f"--device {args.device}: this machine has {torch.cuda.device_count()} "
-                    "CUDA device(s)")
+            return (f"--device {args.device}: this machine has "
+                    f"{torch.cuda.device_count()} CUDA device(s)")
     args.device = device
     if args.weights and args.no_pretrained:
         return "--weights and --no-pretrained contradict each other"
     name = args.run_name
     if not name.isprintable() or not name or os.sep in name or name.startswith("."):
         return f"--run-name {name!r}: must be a plain file name"
-    if len(f".{name}.json.tmp".encode()) > NAME_MAX:
-        return f"--run-name: too long for a file name (at most {NAME_MAX - 10} bytes)"
     folders = [("--output-dir", args.output_dir, os.W_OK)]
     if not args.dummy:  # --dummy reads no data set
         folders.append(("--data-dir", args.data_dir, os.R_OK))
@@ -174,7 +165,7 @@ def refusal(args):
 
 
 def folder_problem(folder, access):
-    """Why this process cannot use `folder` (read it, or write it: `access`), or create it."""
+    """Why this process cannot use `folder` (`access`: read or write it), or create it."""
     existing = folder
     try:
         while not existing.exists() and existing != existing.parent:
@@ -189,7 +180,8 @@ def folder_problem(folder, access):
         if access == os.W_OK and read_only:
             return "cannot be written (a read-only file system)"
         if not os.access(folder, access | os.X_OK):
-            return f"cannot be {'read' if access == os.R_OK else 'written'} (permission denied)"
+            use = "read" if access == os.R_OK else "written"
+            return f"cannot be {use} (permission denied)"
         return None
     if read_only or system and system.f_blocks == 0:  # /proc, /sys
         return f"cannot be created in {existing} (a read-only or special file system)"
@@ -202,7 +194,8 @@ def number(kind, zero=False):
     """argparse's type for a finite `kind` above 0 (from 0, with `zero`)."""
     def parse(text):
         value = kind(text)
-        if not (value >= 0 if zero else value > 0) or value == math.inf:  # (nan > 0 is False)
+        # (nan > 0 is False)
+        if not (value >= 0 if zero else value > 0) or value == math.inf:
             raise argparse.ArgumentTypeError(
                 f"must be {'0 or more' if zero else 'a positive number'}, not {text}")
         return value

@@ -1,6 +1,6 @@
-"""CIFAR-100 (or --dummy's synthetic twin) through the report's transforms, and the batches
-of an epoch from DataLoader workers (--fast has its own, in fast.py). An epoch is a function
-of (seed, epoch) alone: not of --workers, and a resume replays it."""
+"""CIFAR-100 (or --dummy's synthetic twin) through the report's transforms, and an epoch's
+batches from DataLoader workers (--fast has its own, in fast.py). An epoch depends on
+(seed, epoch) alone, not on --workers: a resume replays it."""
 import os
 import shutil
 import signal
@@ -23,8 +23,7 @@ CIFAR_ARCHIVE, CIFAR_URL = datasets.CIFAR100.filename, datasets.CIFAR100.url
 
 
 def cifar100(args):
-    """Train and test sets (CIFAR-100, or --dummy's) through the report's transforms, at
-    args.image_size (bug 1024, fix 224)."""
+    """Train and test sets (CIFAR-100, or --dummy's) through the report's transforms."""
     train_transforms = transforms.Compose([
         transforms.Resize((args.image_size, args.image_size)),
         transforms.RandomHorizontalFlip(),
@@ -37,35 +36,26 @@ def cifar100(args):
     resize, _, _, *to_tensor_and_normalize = train_transforms.transforms
     test_transforms = transforms.Compose([resize, *to_tensor_and_normalize])
     train_set, test_set = (synthetic_cifar100(train, args.seed) if args.dummy
-                           else load_cifar100(args.data_dir, train) for train in (True, False))
+                           else load_cifar100(args.data_dir, train)
+                           for train in (True, False))
     return (SeededView(train_set, train_transforms, args.seed),
             SeededView(test_set, test_transforms, args.seed))
 
 
-def epoch_sampler(view, args, train):
-    """The (epoch, index) keys of an epoch of training (shuffled) or testing (in order),
-    --limit-*-batches applied."""
-    limit = args.limit_train_batches if train else args.limit_eval_batches
-    return EpochSampler(len(view), args.seed, shuffle=train,
-                        limit=limit * args.batch_size if limit else None)
-
-
 class LoaderBatches:
-    """What an epoch of training or testing iterates: (images, labels) on the device, ready
-    for the model; set_epoch(epoch) first. The report's PIL transforms run in DataLoader
-    workers and stop at uint8 (a quarter of float32's bytes to pass between processes);
-    ToTensor's scaling and Normalize run on the device with the very same float32
-    arithmetic: bit-identical numbers."""
+    """An epoch's (images, labels) on the device; set_epoch(epoch) first. The workers'
+    PIL transforms stop at uint8 (a quarter of float32's bytes to pass on); ToTensor's
+    scaling and Normalize run on the device, in the same float32 arithmetic."""
     def __init__(self, view, args, train):
-        sampler = epoch_sampler(view, args, train)
+        sampler = EpochSampler(view, args, train)
         self.view, self.device, self.set_epoch = view, args.device, sampler.set_epoch
+        # Its own generator: a new iterator draws a seed from it, which would otherwise
+        # shift the global RNG (and dropout).
         self.loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler,
-                                 num_workers=args.workers, persistent_workers=args.workers > 0,
+                                 num_workers=args.workers,
+                                 persistent_workers=args.workers > 0,
                                  pin_memory=args.device.type == "cuda",
-                                 worker_init_fn=quiet_worker,
-                                 # its own generator: a new iterator draws a seed from it,
-                                 # which would otherwise shift the global RNG (and dropout)
-                                 generator=torch.Generator())
+                                 worker_init_fn=quiet_worker, generator=torch.Generator())
 
     def __len__(self):
         return len(self.loader)
@@ -74,19 +64,17 @@ class LoaderBatches:
         scale, mean, std = normalize_constants(self.view.normalize, self.device)
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
-            # ToTensor's img.float().div(255), then Normalize's sub_(mean).div_(std). Not the
-            # Normalize module itself: it checks `(std == 0).any()`, a GPU sync a step.
+            # ToTensor's img.float().div(255), then Normalize's sub_(mean).div_(std). Not
+            # the Normalize module itself: it checks `(std == 0).any()`, a sync a step.
             images = images.float().div_(scale).sub_(mean).div_(std)
             yield images, labels.to(self.device, non_blocking=True)
 
 
 def quiet_worker(worker_id):
-    # Ctrl-C, or a job manager's SIGTERM, goes to the whole process group: workers must not
-    # die first under the main process, printing tracebacks. In their own group they only
-    # hear it, and end with it. A SIGTERM sent to every process (pkill, killall) ends them as
-    # Ctrl-C does, quietly: killed by it, they would fail the main process. Nor may they
-    # print a traceback when a stop cuts a batch's hand-over short: their errors reach the
-    # main process anyway, through DataLoader.
+    # Ctrl-C or a scheduler's SIGTERM goes to the process group: in a group of their own
+    # workers do not hear it, and end with the main process. A SIGTERM to each process
+    # (pkill) ends them as Ctrl-C would, quietly. They print nothing: a stop may cut a
+    # hand-over short, and their errors reach the main process through DataLoader.
     if hasattr(os, "setpgrp"):  # POSIX
         os.setpgrp()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -101,8 +89,8 @@ def normalize_constants(normalize, device):
 
 
 class SeededView(Dataset):
-    """A data set through a transform whose randomness is a function of (seed, epoch, index),
-    at the sampler's (epoch, index) keys. ToTensor() and Normalize() are left to the batches."""
+    """A data set through a transform whose draws depend on (seed, epoch, index) alone,
+    at the sampler's (epoch, index) keys. ToTensor and Normalize are the batches' job."""
     def __init__(self, images, transform, seed):
         self.images, self.seed = images, seed
         *head, to_tensor, self.normalize = transform.transforms
@@ -114,20 +102,21 @@ class SeededView(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        image, label = Image.fromarray(self.images.data[index]), self.images.targets[index]
-        # Seed only the CPU generator torchvision's random transforms draw from, and put it
-        # back afterwards, so that loading never disturbs the model's own randomness.
+        image = Image.fromarray(self.images.data[index])
+        # Seed only the CPU generator torchvision's random transforms draw from, and put
+        # it back afterwards, so that loading never disturbs the model's own randomness.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
-            return self.transform(image), label
+            return self.transform(image), self.images.targets[index]
 
 
 class EpochSampler(Sampler):
-    """(epoch, index) keys for SeededView: a permutation drawn from (seed, epoch) when
-    shuffling, cut to the first `limit` images."""
-    def __init__(self, size, seed, shuffle, limit=None):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
-        self.limit = min(size, limit) if limit else size
+    """The (epoch, index) keys of SeededView for an epoch of training (a permutation drawn
+    from (seed, epoch)) or of testing (in order), cut to --limit-*-batches."""
+    def __init__(self, view, args, train):
+        self.size, self.seed, self.shuffle, self.epoch = len(view), args.seed, train, 0
+        limit = args.limit_train_batches if train else args.limit_eval_batches
+        self.limit = min(self.size, limit * args.batch_size) if limit else self.size
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -149,8 +138,8 @@ def mix_seed(*numbers):
 
 
 def synthetic_cifar100(train, seed):
-    """CIFAR-100-shaped images, held as CIFAR100 holds its own (`data`, `targets`): a colour
-    per class plus noise, that a model which trains learns, and one which does not cannot."""
+    """CIFAR-100-shaped images, held as CIFAR100 holds its own (`data`, `targets`): a
+    colour per class plus noise, which a model that trains learns."""
     colours = np.random.default_rng(seed).integers(0, 256, (100, 3), dtype=np.int16)
     rng = np.random.default_rng([seed, int(train)])  # the same classes, other images
     size = TRAIN_IMAGES if train else TEST_IMAGES
@@ -174,11 +163,11 @@ def load_cifar100(folder, train):
             raise RunError(f"--data-dir {folder}: {error.strerror} ({error.filename})")
         archive, unpacked = folder / CIFAR_ARCHIVE, folder / datasets.CIFAR100.base_folder
         if archive.is_file() and not check_integrity(archive, datasets.CIFAR100.tgz_md5):
-            problem = f"{archive} is incomplete or corrupt (its MD5 checksum does not match)"
+            problem = f"{archive} is incomplete or corrupt (its MD5 checksum differs)"
         elif unpacked.exists():
             problem = f"{unpacked} is incomplete or corrupt (its checksums do not match)"
         else:
             problem = f"CIFAR-100 is not in {folder}/"
         raise RunError(f"{problem} and could not be downloaded ({error}). Download "
-                       f"{CIFAR_ARCHIVE} from {CIFAR_URL} into {folder}/ (it is unpacked on "
-                       "first use), pass --data-dir, or use --dummy") from None
+                       f"{CIFAR_ARCHIVE} from {CIFAR_URL} into {folder}/ (it is unpacked "
+                       "on first use), pass --data-dir, or use --dummy") from None

@@ -1,12 +1,10 @@
-"""The two ways a run ends early on purpose: a failure the user can act on (RunError), and a
-stop signal (Terminated, for SIGTERM; Ctrl-C is Python's own KeyboardInterrupt). Both end in
-one line, printed by the one handler, training.cli.command_line."""
+"""How a run ends early, in one line printed by training.cli.command_line: a failure the
+user can act on (RunError), or a stop (Terminated: SIGTERM; Ctrl-C: KeyboardInterrupt)."""
 import signal
 
 
 class RunError(Exception):
-    """A failure the user can act on: one line, no traceback. Exit status 1, or 2 for what
-    the command line cannot ask."""
+    """A failure the user can act on: one line; exit status 1 (2: a refused command)."""
 
     def __init__(self, message, status=1):
         super().__init__(message)
@@ -22,8 +20,7 @@ class DiskFull(RunError):
 
 
 def ignore_stops():
-    """Ignore Ctrl-C and SIGTERM from now on. Called once a run's outcome is saved or known:
-    a stop could then only break the clean-up, where DataLoader's workers end (a __del__),
-    with a traceback."""
+    """Once a run's outcome is saved or known, a stop could only break the clean-up (the
+    workers end in a DataLoader's __del__) with a traceback: ignore it."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)

@@ -1,14 +1,9 @@
-"""Everything --fast adds, behind one call: prepare(). Opt-in, and it changes numerics.
+"""Everything --fast adds, behind prepare(); the step calls what it returns as `model`.
 
-At the fix's batch of 64 the eager step is bound by kernel launches, not by arithmetic: bf16
-alone gains nothing, and CUDA graphs (torch.compile's "reduce-overhead") replay a whole step
-in one launch. A graph replays one shape only, so every batch the compiled model sees has
---batch-size images: the last, partial training batch of an epoch is dropped (16 of 50,000
-images at batch 64, a different 16 each epoch), and the last test batch is padded, its
-padding cut from the output. PIL in DataLoader workers cannot feed such a step, so the data
-set lives on the device and is augmented there in whole batches (augment.py).
-
-The scripts' step is the same: it calls what prepare() returns as its `model`."""
+At batch 64 the eager step is bound by kernel launches: CUDA graphs replay a whole step at
+once. A graph replays one shape, so the compiled model sees only batches of --batch-size:
+an epoch's last, partial training batch is left out, and the last test batch padded. PIL
+in workers cannot feed such a step: the data are augmented on the device (augment.py)."""
 import importlib.util
 
 import numpy as np
@@ -16,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import augment
-from .data import epoch_sampler, mix_seed, normalize_constants
+from .data import EpochSampler, mix_seed, normalize_constants
 
 
 def prepare(model, train_data, test_data, args):
@@ -26,14 +21,13 @@ def prepare(model, train_data, test_data, args):
 
 
 class FastModel(nn.Module):
-    """What the scripts' step calls as `model` with --fast: the model in channels_last, under
-    bf16 autocast, compiled with CUDA graphs where it can be, and past nn.DataParallel (its
-    device checks take ~0.5 ms a step). Its state stays the model's own: the checkpoint
-    holds the bare EfficientNet's keys."""
+    """The step's `model` with --fast: channels_last, bf16 autocast, compiled with CUDA
+    graphs where it can be, and called past nn.DataParallel (~0.5 ms of checks a step)."""
 
     def __init__(self, model, args):
         super().__init__()
-        self.model, self.batch_size, self.device_type = model, args.batch_size, args.device.type
+        self.model, self.batch_size = model, args.batch_size
+        self.device_type = args.device.type
         model.to(memory_format=torch.channels_last)
         problem = compile_problem(args.device)
         if problem:
@@ -46,13 +40,14 @@ class FastModel(nn.Module):
     def forward(self, images):
         real = len(images)
         if real < self.batch_size:  # the last test batch: in eval mode images do not mix
-            assert not self.training, "a partial training batch would train BatchNorm on zeros"
+            assert not self.training, "a partial batch would train BatchNorm on zeros"
             padding = images.new_zeros(self.batch_size - real, *images.shape[1:])
-            images = torch.cat([images, padding]).contiguous(memory_format=torch.channels_last)
+            images = torch.cat([images, padding])
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.cuda_graphs:
-            # A step's outputs and gradients live in memory that the next replay overwrites:
-            # nothing may outlive its step, not even a gradient that no optimizer clears (the
-            # bug's BatchNorm parameters). Setting those to None changes no number.
+            # A step's outputs and gradients live in memory that the next replay
+            # overwrites: nothing may outlive its step, not even a gradient that no
+            # optimizer clears (the bug's BatchNorm parameters). None changes no number.
             torch.compiler.cudagraph_mark_step_begin()
             if self.training:
                 self.model.zero_grad(set_to_none=True)
@@ -68,47 +63,46 @@ def compile_problem(device):
     if importlib.util.find_spec("triton") is None:  # (Windows) it would fail mid-run
         return "torch.compile needs Triton, which is not installed"
     if torch.cuda.get_device_capability(device) < (8, 0):  # a T4, a V100: no native bf16
-        return f"torch.compile needs native bf16, which {torch.cuda.get_device_name(device)} lacks"
+        name = torch.cuda.get_device_name(device)
+        return f"torch.compile needs native bf16, which {name} lacks"
     return None
 
 
 class DeviceBatches:
-    """The data set copied once to the device as uint8, gathered in the default path's order
-    and augmented there in whole batches: no workers, no per-image Python, no host sync. Its
-    draws come from a generator seeded from (seed, epoch): a resume replays the epoch."""
+    """The data set on the device as uint8, gathered in the default path's order and
+    augmented in whole batches, drawing from (seed, epoch): no workers, no host sync."""
 
     def __init__(self, view, args, train):
-        self.sampler, self.args = epoch_sampler(view, args, train), args
+        self.sampler, self.args = EpochSampler(view, args, train), args
         self.set_epoch = self.sampler.set_epoch
         images = torch.from_numpy(np.asarray(view.images.data))
         self.images = images.to(args.device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.as_tensor(view.images.targets, dtype=torch.long, device=args.device)
+        self.labels = torch.as_tensor(view.images.targets, dtype=torch.long,
+                                      device=args.device)
         # ToTensor's scaling and Normalize in one multiply-add: (x / 255 - mean) / std.
         scale, mean, std = normalize_constants(view.normalize, args.device)
         self.gain, self.shift = 1 / (scale * std), -mean / std
         self.generator = torch.Generator(args.device)
-        print(f"--fast: the {'training' if train else 'test'} set on {args.device} as uint8, "
-              f"{self.images.nbytes / 2**20:,.0f} MiB", flush=True)
+        print(f"--fast: the {'training' if train else 'test'} set on {args.device} as "
+              f"uint8, {self.images.nbytes / 2**20:,.0f} MiB", flush=True)
 
-    def __len__(self):
-        """Batches an epoch: in training whole ones only (the last few images of the epoch's
-        order sit it out), in testing all of them."""
+    def __len__(self):  # in training whole batches only, in testing all
         whole, partial = divmod(len(self.sampler), self.args.batch_size)
         return whole + (partial > 0 and not self.sampler.shuffle)
 
     def __iter__(self):
-        order = torch.tensor([index for _, index in self.sampler], device=self.args.device)
-        order = order[:len(self) * self.args.batch_size]  # training: whole batches only
+        order = [index for _, index in self.sampler][:len(self) * self.args.batch_size]
+        order = torch.tensor(order, device=self.args.device)
         self.generator.manual_seed(mix_seed(self.args.seed, self.sampler.epoch, 2))
         for indices in order.split(self.args.batch_size):
             images = augment.resize(self.images[indices], self.args.image_size)
             if self.sampler.shuffle:
-                images = augment.flip_rotate(images, *augment.draw(self.generator, len(indices)))
+                flips, angles = augment.draw(self.generator, len(indices))
+                images = augment.flip_rotate(images, flips, angles)
             images = images.contiguous(memory_format=torch.channels_last)
             yield torch.addcmul(self.shift, images, self.gain), self.labels[indices]
 
 
-def peak_memory(device):
-    """Reserved, not allocated: a replayed CUDA graph's tensors live in a pool that the
-    allocator holds but does not count as allocated."""
-    return torch.cuda.max_memory_reserved(device)
+# The peak GPU memory of a run: reserved, not allocated, since a replayed CUDA graph's
+# tensors live in a pool that the allocator holds but does not count as allocated.
+peak_memory = torch.cuda.max_memory_reserved

@@ -1,6 +1,6 @@
-"""run() trains a script's model to --epochs with the script's own train() and validate(),
-testing and saving after every epoch. What those two iterate, and record each step into, is
-a Progress: the epoch's batches behind a progress bar, with its running loss and accuracy."""
+"""run() trains to --epochs with the script's own train() and validate(), which iterate
+a Progress (an epoch's batches, its progress bar and running figures), then tests and
+saves after every epoch."""
 import shlex
 import sys
 import time
@@ -16,27 +16,29 @@ from .data import LoaderBatches, mix_seed
 from .errors import DiskFull, RunError, ignore_stops
 from .model import WEIGHTS_URL, count_params
 
-# A loop's first steps are its warm-up: cuDNN tries algorithms for each new shape, and with
-# --fast the model compiles and records its CUDA graphs. They are timed apart, and left out
-# of the images/s.
+# A loop's first steps are its warm-up: cuDNN tries algorithms for each new shape, and
+# with --fast the model compiles and records its CUDA graphs. They are timed apart, and
+# left out of the images/s.
 WARMUP_STEPS = 2
 
 
 def run(args, model, criterion, optimizer, train_data, test_data, *, train, validate):
-    """Train to --epochs with the script's train() and validate(). A failure, Ctrl-C or
-    SIGTERM leaves every finished epoch and a true status in the results, then goes up to
-    the one handler (training.command_line)."""
+    """Train to --epochs with the script's train() and validate(). A failure or a stop
+    leaves every finished epoch and a true status, then goes up to the one handler."""
+    cuda = args.device.type == "cuda"
     own = dict(optimizer=type(optimizer).__name__, **count_params(model, optimizer),
                weights=None if args.no_pretrained else str(args.weights or WEIGHTS_URL),
-               device=describe(args.device), torch=str(torch.__version__))
+               device=torch.cuda.get_device_name(args.device) if cuda else "cpu",
+               torch=str(torch.__version__))
     # The rest of the config is the command line's, under the same names, in schema order.
-    config = {key: own[key] if key in own else getattr(args, key) for key in schema.CONFIG}
+    config = {key: own[key] if key in own else getattr(args, key)
+              for key in schema.CONFIG}
     print(f"{args.script}: {config['trainable_params']:,} of {config['total_params']:,} "
-          f"parameters require grad, {config['updated_params']:,} of them in the optimizer; "
-          f"{args.image_size} px, batch {args.batch_size}, lr {args.lr}, {config['device']}",
-          flush=True)
+          f"parameters require grad, {config['updated_params']:,} of them in the "
+          f"optimizer; {args.image_size} px, batch {args.batch_size}, lr {args.lr}, "
+          f"{config['device']}", flush=True)
     if args.dummy:
-        print("--dummy: synthetic images; accuracy says nothing about CIFAR-100", flush=True)
+        print("--dummy: synthetic images; accuracy says nothing of CIFAR-100", flush=True)
 
     with rundir.sole_writer(args):
         history = []
@@ -47,22 +49,22 @@ def run(args, model, criterion, optimizer, train_data, test_data, *, train, vali
             history = state["history"]
             config["epochs"] = max(args.epochs, len(history))  # what it holds, if more
             if len(history) >= args.epochs:
-                print(f"{args.checkpoint_path} already holds {len(history)} epoch(s): nothing "
-                      "to train (raise --epochs to extend it)", flush=True)
+                print(f"{args.checkpoint_path} already holds {len(history)} epoch(s): "
+                      "nothing to train (raise --epochs to extend it)", flush=True)
         else:  # the old JSON first: it must never sit beside the new run's checkpoint
             args.results_path.unlink(missing_ok=True)
             rundir.save_checkpoint(args, model, optimizer, config, history)
         try:
             rundir.save_results(args, config, history, "running")
-            network, train_batches, test_batches = prepare(model, train_data, test_data, args)
+            network, *batches = prepare(model, train_data, test_data, args)
             for epoch in range(len(history) + 1, args.epochs + 1):
-                entry = one_epoch(epoch, network, criterion, optimizer, train_batches,
-                                  test_batches, train, validate, args)
+                entry = one_epoch(epoch, network, criterion, optimizer, batches, train,
+                                  validate, args)
                 rundir.save_checkpoint(args, model, optimizer, config, history + [entry])
                 history.append(entry)
                 rundir.save_results(args, config, history, "running")
                 print(epoch_line(entry, args), flush=True)
-            ignore_stops()  # every epoch is saved: a stop now could only break the clean-up
+            ignore_stops()  # all saved: a stop now could only break the clean-up
             rundir.save_results(args, config, history, "finished")
         except (KeyboardInterrupt, Exception) as error:
             replacement = ending(error, args, config, history)
@@ -73,12 +75,12 @@ def run(args, model, criterion, optimizer, train_data, test_data, *, train, vali
 
 
 def ending(error, args, config, history):
-    """Once the run's status is saved, what to raise instead of `error`: one line that says
-    what the run keeps and how to go on, or None for an unexpected error."""
+    """Saves the status; returns the one line to end with, or None if `error` is a bug."""
     stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (Terminated)
     with suppress(RunError):  # the full disk that failed the run may refuse this too
         rundir.save_results(args, config, history, "interrupted" if stopped else "failed")
-    epoch, kept = len(history) + 1, f"{args.results_path} keeps {len(history)} finished epoch(s)"
+    epoch = len(history) + 1
+    kept = f"{args.results_path} keeps {len(history)} finished epoch(s)"
     if stopped:  # the same command resumes it, without --overwrite
         argv = [a for a in sys.argv if a != "--overwrite"]
         argv += [] if "--resume" in argv else ["--resume"]
@@ -86,10 +88,9 @@ def ending(error, args, config, history):
                            f"  python {shlex.join(argv)}")
     gpu = torch.OutOfMemoryError in (type(error), type(error.__cause__))
     if gpu or "DefaultCPUAllocator: can't allocate memory" in str(error):
-        return RunError(f"out of {'GPU ' if gpu else ''}memory in epoch {epoch} "
-                        f"({config['device']}); {kept}. A smaller --batch-size or --image-size "
-                        "needs less, as a new run (--overwrite, or another --run-name): "
-                        "bug.py's recipe takes about 11 GB")
+        where = f"{'GPU ' if gpu else ''}memory in epoch {epoch} ({config['device']})"
+        return RunError(f"out of {where}; {kept}. A smaller --batch-size or --image-size "
+                        "needs less, as a new run (--overwrite, or another --run-name)")
     if isinstance(error, DiskFull):
         return RunError(f"{error}; {kept}, and --resume continues it")
     if isinstance(error, RunError):
@@ -98,61 +99,65 @@ def ending(error, args, config, history):
 
 
 def prepare(model, train_data, test_data, args):
-    """What the scripts' step calls as `model`, and the batches of training and of testing:
-    the model as built and DataLoader batches, or what --fast makes of them (fast.py)."""
-    torch.backends.cudnn.benchmark = args.device.type == "cuda"  # the fastest convolutions
+    """The step's `model`, and the training and test batches: as built, or --fast's."""
+    torch.backends.cudnn.benchmark = args.device.type == "cuda"  # the fastest algorithms
     if args.fast:
         return fast.prepare(model, train_data, test_data, args)
     return (model, LoaderBatches(train_data, args, train=True),
             LoaderBatches(test_data, args, train=False))
 
 
-def one_epoch(epoch, model, criterion, optimizer, train_batches, test_batches, train, validate,
-              args):
+def one_epoch(epoch, model, criterion, optimizer, batches, train, validate, args):
     """An epoch of the script's train() and validate(): its entry in the results."""
+    train_batches, test_batches = batches
+    for each in batches:
+        each.set_epoch(epoch)
     # Dropout and drop-connect draw from (seed, epoch), as the data do: a resume replays.
     torch.manual_seed(mix_seed(args.seed, epoch, 1))
     if args.device.type == "cuda":
-        torch.cuda.empty_cache()  # (what an earlier epoch left cached is not this one's peak)
+        torch.cuda.empty_cache()  # what an earlier epoch left cached is not this peak
         torch.cuda.reset_peak_memory_stats(args.device)
     start = time.perf_counter()
-    trained = Progress(f"epoch {epoch} training", train_batches, epoch, args)
+    trained = Progress(f"epoch {epoch} training", train_batches, args)
     train(model, trained, criterion, optimizer)
-    tested = Progress(f"epoch {epoch} test", test_batches, epoch, args)
+    tested = Progress(f"epoch {epoch} test", test_batches, args)
     validate(model, tested, criterion)
     return schema.record(
-        schema.EPOCH, epoch=epoch, train_loss=trained.loss(), train_acc=trained.accuracy(),
-        test_loss=tested.loss(), test_acc=tested.accuracy(),
-        epoch_seconds=time.perf_counter() - start, train_images_per_second=trained.rate(),
+        schema.EPOCH, epoch=epoch, train_loss=trained.loss(),
+        train_acc=trained.accuracy(), test_loss=tested.loss(),
+        test_acc=tested.accuracy(), epoch_seconds=time.perf_counter() - start,
+        train_images_per_second=trained.images_per_second,
         peak_gpu_memory_gib=peak_memory_gib(args),
-        warmup_seconds=trained.warmup_seconds() + tested.warmup_seconds())
+        warmup_seconds=trained.warmup_seconds + tested.warmup_seconds)
 
 
 class Progress:
-    """One loop over an epoch's batches, behind a progress bar: what the scripts' train() and
-    validate() iterate, and record() each step into. The running loss and accuracy stay on
-    the device and are read (one sync) once a second: then a NaN or infinite loss stops the
-    run. Its images/s are those after the warm-up (WARMUP_STEPS)."""
+    """An epoch's batches behind a progress bar, for the scripts' loops to iterate and to
+    record() each step into. The running figures stay on the device, read (one sync) once
+    a second, when a NaN loss stops the run. Its images/s leave out the warm-up."""
 
-    def __init__(self, where, batches, epoch, args):
-        self.where, self.batches, self.epoch, self.device = where, batches, epoch, args.device
+    def __init__(self, where, batches, args):
+        self.where, self.batches, self.device = where, batches, args.device
         self.loss_sum = self.correct = self.images = 0
-        self.warm = None  # (seconds, images) when the warm-up ended, if it did
 
     def __iter__(self):
-        self.batches.set_epoch(self.epoch)
         start = last_read = time.perf_counter()
+        warm = None  # (seconds, images) when the warm-up ended, if it did
         with tqdm(self.batches, desc=self.where, unit="batch", leave=False,
                   dynamic_ncols=True) as bar:
             for step, (images, labels) in enumerate(bar):
                 if step == WARMUP_STEPS:
-                    self.warm = (self.clock() - start, self.images)
+                    warm = (self.clock() - start, self.images)
                 yield images, labels
                 if time.perf_counter() - last_read >= 1.0:
                     last_read = time.perf_counter()
                     self.read(bar, last_read - start)
             self.seconds = self.clock() - start
             self.read(bar, self.seconds)
+        # Images a second after the warm-up, or over the whole loop if it had no more.
+        self.warmup_seconds, warm_images = warm or (self.seconds, 0)
+        steady = self.seconds - self.warmup_seconds if warm else self.seconds
+        self.images_per_second = (self.images - warm_images) / steady
 
     def record(self, loss, output, labels):
         # float64: an epoch adds up to 12,500 batch losses
@@ -180,33 +185,21 @@ class Progress:
     def accuracy(self):
         return 100.0 * float(self.correct) / self.images if self.images else float("nan")
 
-    def rate(self):
-        """Images a second after the warm-up, or over the whole loop if it was all warm-up."""
-        if self.warm is None:
-            return self.images / self.seconds
-        seconds, images = self.warm
-        return (self.images - images) / (self.seconds - seconds)
-
-    def warmup_seconds(self):
-        return self.seconds if self.warm is None else self.warm[0]
 
 
 def peak_memory_gib(args):
-    """The GPU memory's peak since the last reset: allocated, as the report's figure counts
-    it, or what --fast counts (fast.py); None on the CPU."""
-    if args.device.type != "cuda":
-        return None
-    peak = fast.peak_memory if args.fast else torch.cuda.max_memory_allocated
-    return peak(args.device) / 2**30
-
-
-def describe(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """The GPU memory's peak since the last reset: allocated, as the report's figure
+    counts it, or what --fast counts (fast.py); None on the CPU."""
+    if args.device.type == "cuda":
+        peak = fast.peak_memory if args.fast else torch.cuda.max_memory_allocated
+        return peak(args.device) / 2**30
 
 
 def rate(images_per_second):
     """82, 1,170, and on a CPU 0.21 rather than 0."""
-    return f"{images_per_second:,.0f}" if images_per_second >= 10 else f"{images_per_second:.2g}"
+    if images_per_second >= 10:
+        return f"{images_per_second:,.0f}"
+    return f"{images_per_second:.2g}"
 
 
 def epoch_line(entry, args):
