@@ -6,9 +6,7 @@ device, over and over (the ceiling); e2e and eval: the real batches, at an epoch
 rate; peak GiB: after warm-up (reserved with --fast); warm-up s: the first steps (--fast:
 both compiles); est. s/epoch: 50,000 + 10,000 images.
 
-  python bench.py                     bug and fixed, and fixed with --fast
-  python bench.py --only all          and bug with --fast: one more compile
-  python bench.py --only fixed:fast   rows as RECIPE:MODE, comma-separated
+  python bench.py --only fixed:fast   rows as RECIPE:MODE, comma-separated, or all
   python bench.py --device cpu --tiny --only all    CPU smoke: 32 px, batch 4, 3 steps
 """
 import argparse

@@ -92,35 +92,25 @@ def table(runs) -> str:
              for cells in [HEADERS, ["-" * w for w in widths], *rows]]
     notes = [DUMMY_NOTE] if any(run["config"]["dummy"] for run in runs) else []
     reserved = [run["name"] for run in runs  # --fast on a GPU
-                if run["config"]["fast"] and gpu_memory(run["epochs"])]
+                if run["config"]["fast"] and run["config"]["device"] != "cpu"]
     if reserved:
         notes.append(f"note: peak GiB of {', '.join(reserved)} is reserved memory "
                      "(--fast's CUDA graphs keep their tensors in a pool not counted as "
                      "allocated); the other runs' is allocated")
-    devices = sorted({run["config"]["device"] for run in runs})
-    if len(devices) > 1:
-        notes.append(f"note: runs used different devices ({', '.join(devices)}); "
-                     "speed and memory compare the hardware too")
     return "\n\n".join(["\n".join(lines), *notes])
 
 
 def figures(epochs):
-    """A row's numbers: final and best accuracy, the last losses, the medians of time and
-    speed (epoch 1 carries cuDNN's autotuning or a compile, which would skew a mean), and
-    the peak memory; dashes before the first epoch."""
+    """A row's figures. Time and speed are medians: epoch 1 carries cuDNN's autotuning
+    or a compile."""
     if not epochs:
         return ["-"] * 7
-    final, gib = epochs[-1], gpu_memory(epochs)
+    final, gib = epochs[-1], max(e["peak_gpu_memory_gib"] or 0 for e in epochs)
     return [f"{final['test_acc']:.2f}", f"{max(e['test_acc'] for e in epochs):.2f}",
             f"{final['test_loss']:.3f}", f"{final['train_loss']:.3f}",
             f"{statistics.median(e['epoch_seconds'] for e in epochs):.1f}",
             f"{statistics.median(e['train_images_per_second'] for e in epochs):.1f}",
-            f"{max(gib):.2f}" if gib else "-"]
-
-
-def gpu_memory(epochs):
-    return [e["peak_gpu_memory_gib"] for e in epochs
-            if e["peak_gpu_memory_gib"] is not None]
+            f"{gib:.2f}" if gib else "-"]
 
 
 def plot(runs, path):

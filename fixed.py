@@ -47,7 +47,6 @@ def train(model, batches, criterion, optimizer):
 
 
 def validate(model, batches, criterion):
-    """One pass over the test set, without gradients."""
     model.eval()
     with torch.no_grad():
         for images, labels in batches:

@@ -114,8 +114,6 @@ def in_an_empty_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-
-
 @pytest.fixture
 def mount(tmp_path):
     """mount(name, options): a tmpfs at ./name, mounted with `options` (e.g. "ro" or

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -83,6 +85,17 @@ def test_a_stop_as_a_finished_run_ends_is_quiet(stopped):
     assert run.returncode == 0 and "Traceback" not in run.log, run.log
     assert "done:" in run.log, run.log
     assert run.left[0]["status"] == "finished" and run.survivors == []
+
+
+@pytest.mark.parametrize("to", ["the group", "every process"])
+def test_a_stop_as_workers_start_is_one_line(tmp_path, to):
+    """SIGINT to the group, SIGTERM to every process, as the test loader's workers start
+    (after the training loader's): the stop line alone, and the run resumable."""
+    out, signum = tmp_path / "out", signal.SIGINT if to == "the group" else signal.SIGTERM
+    command = [*FIXED, *tiny(out, "--epochs", "1", "--workers", "2")]
+    run = interrupt(out, command, lambda proc: wait_for_processes(proc, 3), signum, to)
+    assert run.returncode == 128 + signum and "Traceback" not in run.log, run.log
+    assert run.command and run.left[0]["status"] == "interrupted", run.log
 
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
@@ -452,14 +465,26 @@ def wait_for_epochs(out, proc, epochs, timeout=180):
         time.sleep(0.02)
 
 
+def wait_for_processes(proc, count, timeout=120):
+    """Until the run has `count` loader processes."""
+    deadline = time.monotonic() + timeout
+    while len(descendants(proc.pid)) < count:
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) first"
+        assert time.monotonic() < deadline, f"no {count} loader processes in {timeout} s"
+
+
 def held(document, epochs):
     return (document["status"] == "finished" if epochs == "finished"
             else len(document["epochs"]) >= epochs)
 
 
 def descendants(pid):
-    pgrep = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    children = map(int, pgrep.stdout.split())
+    """The processes under `pid`, read from /proc: fast enough to catch a fork."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):  # (gone since)
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                children.append(int(stat.parent.name))
     return [each for child in children for each in [child, *descendants(child)]]
 
 

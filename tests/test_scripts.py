@@ -180,7 +180,7 @@ def test_weights_file_is_the_backbone_and_the_seed_draws_the_head(cifar):
                          "_conv_stem.weight": torch.zeros(16, 3, 3, 3)}, "w"),
      "size mismatch for _conv_stem.weight"),
     (lambda: torch.save({"model": save_b0("w"), "optimizer": {}, "history": []}, "w"),
-     "checkpoint of a run")],
+     "Missing key(s)")],
     ids=["no file", "a directory", "a text file", "another model", "b0, other shapes",
          "a run checkpoint"])
 def test_weights_that_are_not_b0s_are_refused(cifar, make, words):

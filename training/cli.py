@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import DEFAULT_WORKERS, TRAIN_IMAGES
-from .errors import RunError, Terminated, ignore_stops
+from .errors import STOPS, RunError, Terminated, ignore_stops
 from .model import weights_problem
 from .rundir import files_problem
 
@@ -31,32 +31,31 @@ def command_line(script_file, description, **recipe):
     line, anything unexpected with its traceback."""
     args = parse_args(script_file, description, **recipe)
 
-    def stop_on_sigterm(signum, frame):  # a scheduler's, or `kill`'s: stop as Ctrl-C does
-        raise Terminated()
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    def stop(signum, frame):  # Ctrl-C, or a scheduler's or `kill`'s SIGTERM
+        ignore_stops()  # a second stop would only break the first one's clean-up
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    for signum in STOPS:
+        signal.signal(signum, stop)
     try:
         problem = args.weights and weights_problem(args.weights)
         if problem:  # before the data set loads (or downloads): it is read first
             raise RunError(f"--weights {args.weights}: {problem}", status=2)
         yield args
         return
-    except (RunError, KeyboardInterrupt, Exception) as error:
+    except (KeyboardInterrupt, Exception) as error:
         ignore_stops()  # the outcome is known: a second stop must not break the clean-up
-        message, status = last_words(error, args.prog)
+        if isinstance(error, KeyboardInterrupt):
+            name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
+            message = f"\n{name}: {error.args[0] if error.args else 'stopped'}"
+            status = 128 + getattr(signal, name)
+        elif isinstance(error, RunError):
+            message, status = f"{args.prog}: error: {error}", error.status
+        else:  # unexpected: its traceback first, which a bug report needs
+            traceback.print_exc()
+            name = type(error).__name__
+            message, status = f"{args.prog}: error: unexpected {name}, above", 1
     print(message, file=sys.stderr)
     sys.exit(status)
-
-
-def last_words(error, prog):
-    """The line, and the exit status, that `error` ends the process with."""
-    if isinstance(error, RunError):
-        return f"{prog}: error: {error}", error.status
-    if isinstance(error, KeyboardInterrupt):
-        name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
-        status = 128 + getattr(signal, name)
-        return f"\n{name}: {error.args[0] if error.args else 'stopped'}", status
-    traceback.print_exc()
-    return f"{prog}: error: unexpected {type(error).__name__}, above", 1
 
 
 def parse_args(script_file, description, *, epochs, batch_size, lr, image_size,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
-from .errors import RunError
+from .errors import STOPS, RunError, hold, stops_held
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR-100's, and --dummy's
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -62,7 +62,9 @@ class LoaderBatches:
 
     def __iter__(self):
         scale, mean, std = normalize_constants(self.view.normalize, self.device)
-        for images, labels in self.loader:
+        with stops_held():  # the workers start here
+            batches = iter(self.loader)
+        for images, labels in batches:
             images = images.to(self.device, non_blocking=True)
             # ToTensor's img.float().div(255), then Normalize's sub_(mean).div_(std). Not
             # the Normalize module itself: it checks `(std == 0).any()`, a sync a step.
@@ -72,13 +74,15 @@ class LoaderBatches:
 
 def quiet_worker(worker_id):
     # Ctrl-C or a scheduler's SIGTERM goes to the process group: in a group of their own
-    # workers do not hear it, and end with the main process. A SIGTERM to each process
-    # (pkill) ends them as Ctrl-C would, quietly. They print nothing: a stop may cut a
-    # hand-over short, and their errors reach the main process through DataLoader.
+    # workers do not hear it, and end with the main process. A stop sent to each process
+    # (pkill) ends them quietly: the worker loop takes it as Ctrl-C. They print nothing: a
+    # stop may cut a hand-over short, and their errors reach the main process anyway.
     if hasattr(os, "setpgrp"):  # POSIX
         os.setpgrp()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.stderr = open(os.devnull, "w")
+    for signum in STOPS:
+        signal.signal(signum, signal.default_int_handler)
+    hold(signal.SIG_UNBLOCK)  # held since the fork (stops_held)
 
 
 def normalize_constants(normalize, device):
@@ -159,8 +163,6 @@ def load_cifar100(folder, train):
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         if made and made.is_dir() and not any(p.is_file() for p in made.rglob("*")):
             shutil.rmtree(made)
-        if isinstance(error, PermissionError):
-            raise RunError(f"--data-dir {folder}: {error.strerror} ({error.filename})")
         archive, unpacked = folder / CIFAR_ARCHIVE, folder / datasets.CIFAR100.base_folder
         if archive.is_file() and not check_integrity(archive, datasets.CIFAR100.tgz_md5):
             problem = f"{archive} is incomplete or corrupt (its MD5 checksum differs)"

@@ -1,9 +1,7 @@
 """Everything --fast adds, behind prepare(); the step calls what it returns as `model`.
-
-At batch 64 the eager step is bound by kernel launches: CUDA graphs replay a whole step at
-once. A graph replays one shape, so the compiled model sees only batches of --batch-size:
-an epoch's last, partial training batch is left out, and the last test batch padded. PIL
-in workers cannot feed such a step: the data are augmented on the device (augment.py)."""
+At batch 64 the eager step is bound by kernel launches: CUDA graphs replay a step at once.
+A graph replays one shape: an epoch's last, partial training batch is left out, the last
+test batch padded. To feed it, the data set is augmented on the device (augment.py)."""
 import importlib.util
 
 import numpy as np
@@ -22,7 +20,9 @@ def prepare(model, train_data, test_data, args):
 
 class FastModel(nn.Module):
     """The step's `model` with --fast: channels_last, bf16 autocast, compiled with CUDA
-    graphs where it can be, and called past nn.DataParallel (~0.5 ms of checks a step)."""
+    graphs where it can be, and called past nn.DataParallel (~0.5 ms of checks a step).
+    A replayed graph's tensors live in a pool the allocator holds but does not count as
+    allocated: with --fast, the peak memory reported is reserved."""
 
     def __init__(self, model, args):
         super().__init__()
@@ -83,8 +83,6 @@ class DeviceBatches:
         scale, mean, std = normalize_constants(view.normalize, args.device)
         self.gain, self.shift = 1 / (scale * std), -mean / std
         self.generator = torch.Generator(args.device)
-        print(f"--fast: the {'training' if train else 'test'} set on {args.device} as "
-              f"uint8, {self.images.nbytes / 2**20:,.0f} MiB", flush=True)
 
     def __len__(self):  # in training whole batches only, in testing all
         whole, partial = divmod(len(self.sampler), self.args.batch_size)
@@ -101,8 +99,3 @@ class DeviceBatches:
                 images = augment.flip_rotate(images, flips, angles)
             images = images.contiguous(memory_format=torch.channels_last)
             yield torch.addcmul(self.shift, images, self.gain), self.labels[indices]
-
-
-# The peak GPU memory of a run: reserved, not allocated, since a replayed CUDA graph's
-# tensors live in a pool that the allocator holds but does not count as allocated.
-peak_memory = torch.cuda.max_memory_reserved

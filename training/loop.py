@@ -16,9 +16,8 @@ from .data import LoaderBatches, mix_seed
 from .errors import DiskFull, RunError, ignore_stops
 from .model import WEIGHTS_URL, count_params
 
-# A loop's first steps are its warm-up: cuDNN tries algorithms for each new shape, and
-# with --fast the model compiles and records its CUDA graphs. They are timed apart, and
-# left out of the images/s.
+# A loop's first steps are its warm-up, timed apart and left out of the images/s: cuDNN
+# tries algorithms for each new shape, and --fast compiles its model (fast.py).
 WARMUP_STEPS = 2
 
 
@@ -38,7 +37,7 @@ def run(args, model, criterion, optimizer, train_data, test_data, *, train, vali
           f"optimizer; {args.image_size} px, batch {args.batch_size}, lr {args.lr}, "
           f"{config['device']}", flush=True)
     if args.dummy:
-        print("--dummy: synthetic images; accuracy says nothing of CIFAR-100", flush=True)
+        print("--dummy: synthetic images, whose accuracy says nothing of CIFAR-100")
 
     with rundir.sole_writer(args):
         history = []
@@ -91,10 +90,9 @@ def ending(error, args, config, history):
         where = f"{'GPU ' if gpu else ''}memory in epoch {epoch} ({config['device']})"
         return RunError(f"out of {where}; {kept}. A smaller --batch-size or --image-size "
                         "needs less, as a new run (--overwrite, or another --run-name)")
-    if isinstance(error, DiskFull):
-        return RunError(f"{error}; {kept}, and --resume continues it")
     if isinstance(error, RunError):
-        return RunError(f"{error}; {kept}")
+        resume = ", and --resume continues it" if isinstance(error, DiskFull) else ""
+        return RunError(f"{error}; {kept}{resume}")
     return None
 
 
@@ -186,12 +184,12 @@ class Progress:
         return 100.0 * float(self.correct) / self.images if self.images else float("nan")
 
 
-
 def peak_memory_gib(args):
     """The GPU memory's peak since the last reset: allocated, as the report's figure
-    counts it, or what --fast counts (fast.py); None on the CPU."""
+    counts it, or with --fast reserved (fast.FastModel says why); None on the CPU."""
     if args.device.type == "cuda":
-        peak = fast.peak_memory if args.fast else torch.cuda.max_memory_allocated
+        cuda = torch.cuda
+        peak = cuda.max_memory_reserved if args.fast else cuda.max_memory_allocated
         return peak(args.device) / 2**30
 
 

@@ -40,8 +40,6 @@ def weights_problem(path):
         return f"cannot be read ({error.strerror})"
     except Exception as error:  # any unreadable file: the message is what matters
         return f"not a PyTorch state dict ({type(error).__name__})"
-    if isinstance(state, dict) and "history" in state:
-        return "a checkpoint of a run (for --resume), not ImageNet weights"
     try:
         EfficientNet.from_name("efficientnet-b0").load_state_dict(state)
     except Exception as error:  # line 1 names the model, line 2 the first problem

@@ -113,4 +113,3 @@ def atomic_write(path, data):
             os.fsync(directory)
         finally:
             os.close(directory)
-
